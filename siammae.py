@@ -589,8 +589,6 @@ def save_checkpoint(path, model, optimizer, scaler, step, cfg):
 
 def load_checkpoint(path, model, optimizer, scaler, cfg):
     """Restore everything; returns the step to continue from. Refuses a checkpoint of another architecture."""
-    if not os.path.exists(path):
-        fail(f"--resume but there is no checkpoint at {path}; drop --resume or point --out at the run's folder")
     state = torch.load(path, map_location="cpu", weights_only=True)
     theirs = state.get("config", {})
     diff = [f"{k}={theirs.get(k)} (you: {getattr(cfg, k)})" for k in ARCH_KEYS if theirs.get(k) != getattr(cfg, k)]
@@ -755,6 +753,8 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not cfg.resume:
         fail(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        fail(f"--resume but there is no checkpoint at {ckpt_path}; drop --resume or point --out at the run's folder")
     loader, sampler = make_loader(cfg, rank, world, device, print0)
 
     # optimizer, schedule (Table 4a)

@@ -249,11 +249,12 @@ def test_bad_inputs_give_one_line_errors_and_exit_code_2(toy_videos, tmp_path, c
     assert "not divisible" in bad_exit(capsys, main, TINY + ["--data", toy_videos, "--img-size", "36"])
     assert "unknown --model" in bad_exit(capsys, main, TINY + ["--data", toy_videos, "--model", "vit_huge"])
     out = str(tmp_path / "run")
-    assert "no checkpoint" in bad_exit(capsys, main, TINY + ["--data", toy_videos, "--out", out, "--resume"])
+    assert "no checkpoint" in bad_exit(capsys, main, TINY + ["--data", toy_videos, "--out", out, "--resume",
+                                                             "--batch-size", "4"])
     main(TINY + ["--data", toy_videos, "--out", out, "--batch-size", "4", "--max-steps", "1"])
-    assert "exists" in bad_exit(capsys, main, TINY + ["--data", toy_videos, "--out", out])
+    assert "exists" in bad_exit(capsys, main, TINY + ["--data", toy_videos, "--out", out, "--batch-size", "4"])
     assert "another architecture" in bad_exit(capsys, main, TINY + ["--data", toy_videos, "--out", out, "--resume",
-                                                                    "--patch-size", "16"])
+                                                                    "--batch-size", "4", "--patch-size", "16"])
 
 
 def test_bench_prints_one_summary_line(capsys):

@@ -403,3 +403,442 @@ def list_sequences(root, subset):
             die(f"sequence {seq} has no first-frame annotation {ann0}; semi-supervised propagation starts from it")
         out.append((seq, frames))
     return out
+
+
+# -----------------------------------------------------------------------------
+# Propagation (REFERENCE §4.5-§4.10)
+# S context frames (frame 0 + the queue), Tq target patches and Ts source patches of one band, K kept sources, C classes
+# Grids are stored transposed, (w, h, ·), so that a band of columns is one contiguous slice of memory.
+
+def neighbourhood_bands(h, w, r, device, band=4):
+    """REFERENCE §4.7 built once per grid size with tensor ops: source (p, q) may feed target (i, j) iff |p - i| <= r
+    and |q - j| <= r (DINO's square window; r = 0 means no restriction, as in DINO's `if size > 0`).
+    The targets are split into bands of `band` columns; a band's sources are its columns ± r, so the affinity is never
+    computed where the window forbids it (a third less work at 30x52, r = 20). Returns [(c0, c1, s0, s1, forbidden)] with
+    targets = columns [c0, c1), sources = columns [s0, s1), forbidden: (Tq, Ts) bool in (column, row) order."""
+    if r == 0 or r >= w - 1:  # every band would need every column: one band, no saving to be had
+        band = w
+    bands = []
+    for c0 in range(0, w, band):
+        c1 = min(w, c0 + band)
+        s0, s1 = (0, w) if r == 0 else (max(0, c0 - r), min(w, c1 + r))
+        tc, tr = torch.meshgrid(torch.arange(c0, c1), torch.arange(h), indexing="ij")  # (c1-c0, h) each
+        sc, sr = torch.meshgrid(torch.arange(s0, s1), torch.arange(h), indexing="ij")  # (s1-s0, h) each
+        allowed = ((tc.reshape(-1, 1) - sc.reshape(1, -1)).abs() <= r) & \
+                  ((tr.reshape(-1, 1) - sr.reshape(1, -1)).abs() <= r)  # (Tq, Ts)
+        if r == 0:
+            allowed[:] = True
+        bands.append((c0, c1, s0, s1, ~allowed.to(device)))  # stored as the forbidden set, what masked_fill wants
+    return bands
+
+
+def joint_topk(logits, n):
+    """The n largest entries per target over ALL context frames jointly (REFERENCE §4.8), in two exact stages:
+    the n best of a union lie among the n best of each part. logits (S, Tq, Ts) -> values, flat ids s·Ts + t: (Tq, n)."""
+    S, Tq, Ts = logits.shape
+    n1 = min(n, Ts)
+    v1, i1 = logits.topk(n1, dim=2)  # best n per context frame: (S, Tq, n1)
+    i1 = i1 + Ts * torch.arange(S, device=logits.device).view(S, 1, 1)  # flat source ids
+    v1 = v1.permute(1, 0, 2).reshape(Tq, S * n1)  # (Tq, S·n1)
+    i1 = i1.permute(1, 0, 2).reshape(Tq, S * n1)
+    v, j = v1.topk(min(n, S * n1), dim=1)  # (Tq, n)
+    return v, i1.gather(1, j)
+
+
+def topk_affinity(logits, k, temperature):
+    """REFERENCE §4.6 + §4.8: A = exp(<f_t, f_s> / τ); per target, entries strictly below the k-th largest are zeroed
+    (ties with it are kept, as DINO's `aff[aff < tk_val_min] = 0` keeps them), the rest divided by their sum.
+    exp is increasing, so ranking the logits ranks A; we exponentiate only the kept entries, shifted by the row max
+    (the same normalized weights, without overflow at small τ). logits (S, Tq, Ts), -inf = outside the window
+    -> weights (Tq, n), flat source ids (Tq, n), n = k unless there are ties."""
+    v, ids = joint_topk(logits, k + 1)
+    kth = v[:, :k][:, -1:]  # k-th largest logit per target (the last one if fewer exist): (Tq, 1)
+    if v.shape[1] > k and (v[:, k:] == kth).any():  # a tie at the threshold: widen to every entry >= it
+        floor = kth.clamp(min=torch.finfo(logits.dtype).min).view(1, -1, 1)  # -inf (too few in window) counts nothing
+        n = int((logits >= floor).sum(dim=(0, 2)).max())
+        v, ids = joint_topk(logits, n)
+    weights = torch.exp((v - v[:, :1]) / temperature)  # A up to a per-target factor that the normalization cancels
+    weights = weights * (v >= kth)  # zero what is strictly below the k-th largest (and -inf: outside the window)
+    return weights / weights.sum(dim=1, keepdim=True), ids
+
+
+def propagate_step(target, ctx_feats, ctx_labels, bands, k, temperature):
+    """Soft label of one target frame from its context (REFERENCE §4.6-§4.9): Σ_s weight(t, s) · label(s).
+    target (w, h, D) and ctx_feats (S, w, h, D) L2-normalized; ctx_labels (S, w, h, C) -> soft label (w, h, C)."""
+    S, w, h, D = ctx_feats.shape
+    C = ctx_labels.shape[-1]
+    out = target.new_empty(w, h, C)
+    for c0, c1, s0, s1, forbidden in bands:
+        q = target[c0:c1].reshape(-1, D)  # this band's targets: (Tq, D)
+        keys = ctx_feats[:, s0:s1].reshape(S, -1, D)  # their candidate sources in every context frame: (S, Ts, D)
+        logits = q @ keys.transpose(1, 2)  # (Tq, D) x (S, D, Ts) -> (S, Tq, Ts): cosine similarities
+        logits.masked_fill_(forbidden, float("-inf"))  # §4.7 neighbourhood
+        weights, ids = topk_affinity(logits, k, temperature)  # (Tq, n) each
+        src = ctx_labels[:, s0:s1].reshape(-1, C)[ids]  # labels of the kept sources: (Tq, n, C)
+        out[c0:c1] = (weights.unsqueeze(-1) * src).sum(1).view(c1 - c0, h, C)  # §4.9
+    return out
+
+
+def labels_to_pixels(soft, patch_size, size):
+    """REFERENCE §4.10 (DINO `norm_mask` + argmax + resize): soft (C, h, w) -> uint8 ids (H, W) at the original size."""
+    up = F.interpolate(soft[None], scale_factor=patch_size, mode="bilinear", align_corners=False,
+                       recompute_scale_factor=False)[0]  # (C, h·p, w·p)
+    lo, hi = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)  # (C, 1, 1)
+    # min-max per channel where its max > 0; a constant positive channel gives 0/0 = NaN there exactly as in DINO's
+    # loop, and torch.max, as DINO calls it, returns the NaN's index
+    up = torch.where(hi > 0, (up - lo) / (hi - lo), up)
+    ids = torch.max(up, dim=0).indices.to(torch.uint8).cpu().numpy()  # (h·p, w·p)
+    return np.array(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))  # PIL nearest, as DINO
+
+
+def blend(bgr, ids, alpha=0.5):
+    """Overlay picture: object pixels mixed half-half with their palette colour, as the toolkit's overlay helper."""
+    colour = PALETTE[ids][:, :, ::-1].astype(np.float32)  # RGB palette -> BGR like the frame
+    out = bgr.astype(np.float32)
+    fg = ids > 0
+    out[fg] = alpha * out[fg] + (1 - alpha) * colour[fg]
+    return out.round().astype(np.uint8)
+
+
+def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, overlay_dir=None):
+    """REFERENCE §4 for one video, streamed in chunks of --batch frames: memory holds the 1 + queue context frames
+    and one chunk, whatever the video length. Writes <seq_dir>/<frame>.png for every frame; returns the grid."""
+    first = cv2.imread(frames[0])
+    if first is None:
+        die(f"cannot read frame {frames[0]}; re-extract JPEGImages")
+    H, W = first.shape[:2]
+    size = protocol_size(H, W, cfg.short_side, cfg.size_multiple)  # (th, tw) fed to the encoder
+    p = encoder.patch_size
+    h, w = size[0] // p, size[1] // p
+    ann, onehot = first_label(ann_path, (h, w))  # original annotation, (h, w, C)
+    os.makedirs(seq_dir, exist_ok=True)
+    save_indexed_png(os.path.join(seq_dir, os.path.basename(frames[0])[:-4] + ".png"), ann)  # frame 0 = given
+    bands = neighbourhood_bands(h, w, cfg.radius, device)
+    ctx_feats = ctx_labels = None  # (1 + queue, w, h, ·): slot 0 = frame 0, slots 1.. a ring of the last predictions
+    strip_at = set(np.linspace(0, len(frames) - 1, min(6, len(frames))).round().astype(int).tolist())
+    strip, video = [], None
+    for start in range(0, len(frames), cfg.batch):
+        chunk = frames[start:start + cfg.batch]
+        pairs = [read_frame(f, size) for f in chunk]
+        for f, (_, bgr) in zip(chunk, pairs):
+            if bgr.shape[:2] != (H, W):
+                die(f"{f} is {bgr.shape[1]}x{bgr.shape[0]}, the sequence's first frame {W}x{H}; fix the frames")
+        x = torch.stack([t for t, _ in pairs]).to(device)  # (B, 3, th, tw)
+        with amp:
+            feats = encoder.features(x).float()  # (B, h, w, D)
+        feats = F.normalize(feats, dim=-1).transpose(1, 2)  # unit length (§4.3), transposed: (B, w, h, D)
+        for b, path in enumerate(chunk):
+            t = start + b
+            if t == 0:
+                S = 1 + cfg.queue
+                ctx_feats = feats.new_zeros(S, w, h, feats.shape[-1])
+                ctx_labels = feats.new_zeros(S, w, h, onehot.shape[-1])
+                ctx_feats[0], ctx_labels[0] = feats[0], onehot.transpose(0, 1).to(device)
+                ids = ann
+            else:
+                n_ctx = 1 + min(t - 1, cfg.queue)  # frame 0 + the predictions so far, at most `queue` of them (§4.5)
+                soft = propagate_step(feats[b].contiguous(), ctx_feats[:n_ctx], ctx_labels[:n_ctx], bands,
+                                      cfg.topk, cfg.temperature)  # (w, h, C)
+                if cfg.queue > 0:  # the soft label (before argmax) joins the context, evicting the oldest (§4.5, §4.9)
+                    slot = 1 + (t - 1) % cfg.queue  # the order of context frames does not matter: top-k is over a set
+                    ctx_feats[slot], ctx_labels[slot] = feats[b], soft
+                ids = labels_to_pixels(soft.permute(2, 1, 0), p, (H, W))  # (C, h, w) -> (H, W) uint8
+                save_indexed_png(os.path.join(seq_dir, os.path.basename(path)[:-4] + ".png"), ids)
+            if overlay_dir:
+                pic = blend(pairs[b][1], np.where(ids == 255, 0, ids))
+                if video is None:
+                    video = cv2.VideoWriter(os.path.join(overlay_dir, os.path.basename(seq_dir) + ".mp4"),
+                                            cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
+                video.write(pic)
+                if t in strip_at:
+                    strip.append(cv2.resize(pic, (round(W * 240 / H), 240), interpolation=cv2.INTER_AREA))
+    if overlay_dir:
+        video.release()
+        tmp = os.path.join(overlay_dir, os.path.basename(seq_dir) + ".tmp.png")
+        cv2.imwrite(tmp, np.concatenate(strip, axis=1))
+        os.replace(tmp, tmp[:-8] + ".png")
+    return h, w
+
+
+# -----------------------------------------------------------------------------
+# Metrics: davis2017-evaluation, semi-supervised task (REFERENCE §5), numpy + OpenCV instead of scikit-image
+
+def jaccard(pred, gt):
+    """Region similarity J = |S ∩ G| / |S ∪ G| (toolkit `db_eval_iou`); 1 when both masks are empty."""
+    union = np.count_nonzero(pred | gt)
+    return 1.0 if union == 0 else np.count_nonzero(pred & gt) / union
+
+
+def boundary_map(mask):
+    """Toolkit `_seg2bmap`: a pixel is boundary iff it differs from its right, lower or lower-right neighbour
+    (outside the image = 0); the last row compares only right, the last column only lower, and the bottom-right
+    pixel is never boundary. mask (H, W) bool -> (H, W) bool."""
+    e, s, se = np.zeros_like(mask), np.zeros_like(mask), np.zeros_like(mask)
+    e[:, :-1], s[:-1, :], se[:-1, :-1] = mask[:, 1:], mask[1:, :], mask[1:, 1:]  # right, lower, lower-right
+    b = (mask ^ e) | (mask ^ s) | (mask ^ se)
+    b[-1, :] = mask[-1, :] ^ e[-1, :]
+    b[:, -1] = mask[:, -1] ^ s[:, -1]
+    b[-1, -1] = False
+    return b
+
+
+def disk(r):
+    """skimage.morphology.disk(r): the (2r+1)² grid points with x² + y² <= r², as a uint8 kernel for cv2."""
+    x = np.arange(-r, r + 1)
+    return ((x[None, :] ** 2 + x[:, None] ** 2) <= r * r).astype(np.uint8)
+
+
+def boundary_tolerance(H, W, bound_th=0.008):
+    """Toolkit: the match tolerance is ceil(bound_th · image diagonal) pixels (8 at 480x854)."""
+    return int(math.ceil(bound_th * math.hypot(H, W)))
+
+
+def dilate(bmap, r):
+    """Binary dilation by disk(r) (toolkit: cv2.dilate with skimage's disk), computed on the bounding box of the
+    boundary grown by r only: outside it the result is 0 anyway, and boundaries are thin."""
+    out = np.zeros(bmap.shape, np.uint8)
+    rows, cols = np.flatnonzero(bmap.any(1)), np.flatnonzero(bmap.any(0))
+    if rows.size:
+        r0, r1 = max(rows[0] - r, 0), min(rows[-1] + r + 1, bmap.shape[0])
+        c0, c1 = max(cols[0] - r, 0), min(cols[-1] + r + 1, bmap.shape[1])
+        out[r0:r1, c0:c1] = cv2.dilate(bmap[r0:r1, c0:c1].view(np.uint8), disk(r))
+    return out.view(bool)
+
+
+def f_measure(pred, gt, bound_th=0.008):
+    """Boundary F-measure F = 2PR / (P + R) (toolkit `f_measure`): P = predicted boundary pixels within the tolerance
+    of the GT boundary / predicted boundary pixels, R = GT boundary pixels within the tolerance of the predicted one
+    / GT boundary pixels. No predicted boundary: P 1, R 0 (if GT has one); none in GT: P 0, R 1; neither: 1."""
+    r = boundary_tolerance(*gt.shape, bound_th)
+    bp, bg = boundary_map(pred), boundary_map(gt)
+    n_p, n_g = np.count_nonzero(bp), np.count_nonzero(bg)
+    if n_p == 0 and n_g == 0:
+        return 1.0
+    if n_p == 0 or n_g == 0:
+        precision, recall = (1.0, 0.0) if n_p == 0 else (0.0, 1.0)
+    else:
+        precision = np.count_nonzero(bp & dilate(bg, r)) / float(n_p)
+        recall = np.count_nonzero(bg & dilate(bp, r)) / float(n_g)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def db_statistics(values):
+    """Toolkit `db_statistics` over one object's per-frame values: Mean; Recall = fraction of frames > 0.5 (strict);
+    Decay = mean of the first of 4 bins minus mean of the last, bins v[ids[i] : ids[i+1] + 1] with
+    ids = round(linspace(1, n, 5) + 1e-10) - 1 (neighbouring bins share a frame)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean, recall = np.nanmean(values), np.nanmean(values > 0.5)
+    # the toolkit casts ids to uint8 (wrapping beyond 256 frames; DAVIS videos are shorter): kept for identical output
+    ids = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(np.uint8)
+    bins = [values[ids[i]:ids[i + 1] + 1] for i in range(4)]
+    return mean, recall, np.nanmean(bins[0]) - np.nanmean(bins[3])
+
+
+def read_index_png(path, what):
+    try:
+        arr = np.array(Image.open(path))
+    except OSError:
+        die(f"{what} {path} is missing or unreadable; every evaluated frame needs <seq>/<frame>.png")
+    if arr.ndim != 2:
+        die(f"{what} {path} is not an indexed (mode P / L) PNG; save object ids, not colours")
+    return arr
+
+
+def evaluate_sequence(root, results, seq):
+    """Per-frame J and F of every object of one sequence -> (J, F) arrays (K objects, frames 1 .. n-2)."""
+    gt_paths = sorted(glob.glob(os.path.join(root, "Annotations", "480p", seq, "*.png")))
+    if not gt_paths:
+        die(f"no annotations in {root}/Annotations/480p/{seq}/; evaluation needs the ground truth of every frame")
+    first = read_index_png(gt_paths[0], "annotation")
+    K = int(np.where(first == 255, 0, first).max())  # objects = ids 1..K of the first GT frame, void (255) -> 0
+    J, Fm = np.zeros((K, len(gt_paths[1:-1]))), np.zeros((K, len(gt_paths[1:-1])))
+    for i, gpath in enumerate(gt_paths[1:-1]):  # the first and the last frame are not scored
+        gt = read_index_png(gpath, "annotation")
+        gt = np.where(gt == 255, 0, gt)  # void pixels count as background in the semi-supervised task
+        res = read_index_png(os.path.join(results, seq, os.path.basename(gpath)), "result")
+        if res.shape != gt.shape:
+            die(f"result {results}/{seq}/{os.path.basename(gpath)} is {res.shape[1]}x{res.shape[0]}, the annotation "
+                f"{gt.shape[1]}x{gt.shape[0]}; save results at the original resolution")
+        if res.max() > K:
+            die(f"result {results}/{seq}/{os.path.basename(gpath)} has id {res.max()} but {seq} has {K} objects; "
+                f"results may only use the first frame's ids")
+        for k in range(1, K + 1):
+            J[k - 1, i] = jaccard(res == k, gt == k)
+            Fm[k - 1, i] = f_measure(res == k, gt == k)
+    return J, Fm
+
+
+COLUMNS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
+
+
+def object_rows(seq, J, Fm):
+    """One row per object, named <seq>_<k> as the toolkit names them: (name, JM, JR, JD, FM, FR, FD)."""
+    return [(f"{seq}_{k + 1}", *db_statistics(J[k]), *db_statistics(Fm[k])) for k in range(J.shape[0])]
+
+
+def global_results(rows):
+    """Global = plain mean over all objects of all sequences; J&F-Mean = (J-Mean + F-Mean) / 2 (REFERENCE §5)."""
+    cols = [np.mean([r[i] for r in rows]) for i in range(1, 7)]  # JM JR JD FM FR FD
+    return [(cols[0] + cols[3]) / 2.0] + cols
+
+
+def fmt(v):
+    """pandas' to_csv(float_format="%.3f") as the toolkit writes it: NaN becomes an empty field."""
+    return "" if v != v else "%.3f" % v
+
+
+def write_csvs(folder, subset, rows):
+    """global_results-<set>.csv and per-sequence_results-<set>.csv, the toolkit's columns; temp + rename each."""
+    tables = {f"global_results-{subset}.csv": [COLUMNS, [fmt(v) for v in global_results(rows)]],
+              f"per-sequence_results-{subset}.csv": [["Sequence", "J-Mean", "F-Mean"]] +
+              [[r[0], fmt(r[1]), fmt(r[4])] for r in rows]}
+    for name, table in tables.items():
+        path = os.path.join(folder, name)
+        with open(path + ".tmp", "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(table)
+        os.replace(path + ".tmp", path)
+    return [os.path.join(folder, n) for n in tables]
+
+
+def format_table(rows):
+    g = global_results(rows)
+    return " ".join(f"{c:>9}" for c in COLUMNS) + "\n" + " ".join(f"{fmt(v):>9}" for v in g)
+
+
+def evaluate_folder(root, results, seqs, subset):
+    """--eval-only: score every sequence of the set in `results`, write the two CSVs there, print the table."""
+    if not os.path.isdir(results):
+        die(f"results folder {results} not found; pass --results DIR holding <seq>/<frame>.png")
+    rows, t0 = [], time.time()
+    for i, (seq, _) in enumerate(seqs):
+        rows += object_rows(seq, *evaluate_sequence(root, results, seq))
+        print(f"[{i + 1}/{len(seqs)}] {seq}: J&F so far {global_results(rows)[0]:.3f}", flush=True)
+    for path in write_csvs(results, subset, rows):
+        print(f"wrote {path}")
+    print(f"--- global results for {subset} ({len(rows)} objects, {time.time() - t0:.1f} s) ---")
+    print(format_table(rows))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Benchmark (--bench): the three costs of a run, at DAVIS 480p, without data
+
+def timed(fn, sync, repeat):
+    fn()  # warm-up: allocations, kernel selection
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench(cfg, device, amp):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    h, w, D, S = 30, 52, 384, 1 + cfg.queue  # the ViT-S/16 grid of a 480x832 frame; frame 0 + a full queue
+    feats = F.normalize(torch.randn(S, w, h, D, generator=g), dim=-1).to(device)
+    labels = torch.softmax(4 * torch.randn(S, w, h, 3, generator=g), dim=-1).to(device)  # 2 objects + background
+    target = F.normalize(torch.randn(w, h, D, generator=g), dim=-1).to(device)
+    bands = neighbourhood_bands(h, w, cfg.radius, device)
+    with torch.inference_mode():
+        t_prop = timed(lambda: propagate_step(target, feats, labels, bands, cfg.topk, cfg.temperature), sync, 5)
+        soft = propagate_step(target, feats, labels, bands, cfg.topk, cfg.temperature).permute(2, 1, 0)
+        t_pix = timed(lambda: labels_to_pixels(soft, 16, (480, 854)), sync, 5)
+    print(f"propagation (features given), grid {h}x{w}, {S} context frames, radius {cfg.radius}, top-k {cfg.topk}: "
+          f"{t_prop:.3f} s/frame; + back to pixels (upsample, argmax, resize) {t_pix * 1000:.0f} ms/frame")
+
+    model = random_vit("vit_small", 16, 0).to(device).eval()
+    B = max(1, min(cfg.batch, 4 if device.type == "cpu" else 32))
+    x = torch.randn(B, 3, 480, 832, generator=g).to(device)
+    with torch.inference_mode(), amp:
+        t_vit = timed(lambda: model.features(x), sync, 2 if device.type == "cpu" else 5) / B
+    print(f"ViT-S/16 forward, 480x832, batch {B}: {t_vit:.3f} s/frame")
+
+    yy, xx = np.mgrid[0:480, 0:854]
+    gt = (yy - 240) ** 2 / 120 ** 2 + (xx - 400) ** 2 / 200 ** 2 < 1  # an ellipse and a shifted, wobblier one
+    pred = (yy - 250) ** 2 / 110 ** 2 + (xx - 420 + 15 * np.sin(yy / 9)) ** 2 / 210 ** 2 < 1
+    t_metric = timed(lambda: (jaccard(pred, gt), f_measure(pred, gt)), lambda: None, 20)
+    print(f"J and F of one 480x854 object-frame: {t_metric * 1000:.1f} ms "
+          f"(J {jaccard(pred, gt):.3f}, F {f_measure(pred, gt):.3f})")
+    return dict(propagation_s=t_prop, pixels_s=t_pix, vit_s=t_vit, metric_ms=t_metric * 1000)
+
+
+# -----------------------------------------------------------------------------
+# main: check inputs (nothing written before), build the encoder, propagate and score sequence by sequence
+
+def main(argv=None):
+    cfg, preset, given = parse_config(argv)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.precision not in ("bf16", "fp32"):
+        die(f"unknown --precision {cfg.precision}; use bf16 or fp32")
+    use_bf16 = device.type == "cuda" and cfg.precision == "bf16"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast(device.type, enabled=False)
+    # TF32 is left at PyTorch's defaults (off for matmuls): the DINO script ran so, and affinities stay exact fp32
+    print(f"device {device} | forward {'bf16 autocast' if use_bf16 else 'fp32'} | torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    if cfg.bench:
+        return bench(cfg, device, amp)
+
+    if cfg.davis:
+        root = cfg.davis
+    else:  # the toy DAVIS: imported only here, the rest of this file stands alone
+        import toydata
+        root = os.path.join(toydata.ensure_toy_data(), "DAVIS")
+        print(f"no --davis: toy DAVIS at {root}, toy preset {TOY} (frames stay at their native 160 px)")
+    print(f"protocol {cfg.protocol}: top-k {cfg.topk}, queue {cfg.queue}, radius {cfg.radius}, "
+          f"temperature {cfg.temperature}, short side {cfg.short_side} (long side floored to x{cfg.size_multiple})")
+    for k in sorted(given):
+        if k in preset and given[k] != preset[k]:
+            print(f"overriding {k} = {given[k]} (preset {preset[k]})")
+    if cfg.eval_only:
+        if not cfg.results:
+            die("--eval-only needs --results DIR (a folder of <seq>/<frame>.png)")
+        seqs = list_sequences(root, cfg.set)
+        return evaluate_folder(root, cfg.results, seqs, cfg.set)
+
+    if cfg.topk < 1 or cfg.queue < 0 or cfg.radius < 0 or cfg.temperature <= 0 or cfg.batch < 1:
+        die("--topk and --batch must be >= 1, --queue and --radius >= 0, --temperature > 0")
+    seqs = list_sequences(root, cfg.set)  # checks the data before anything is written
+    encoder, desc = build_encoder(cfg)  # checks the checkpoint before anything is written
+    encoder = encoder.to(device).eval()
+    n_params = sum(p.numel() for p in encoder.parameters())
+    print(f"encoder: {desc} ({n_params / 1e6:.1f}M params)")
+    name = os.path.splitext(os.path.basename(cfg.ckpt))[0]
+    out = cfg.out or os.path.join("davis_results", name)
+    overlay_dir = os.path.join(out, "overlays") if cfg.overlay else None
+    os.makedirs(overlay_dir or out, exist_ok=True)
+
+    rows, scored, t_all, n_all = [], True, time.time(), 0
+    for i, (seq, frames) in enumerate(seqs):
+        ann0 = os.path.join(root, "Annotations", "480p", seq, os.path.basename(frames[0])[:-4] + ".png")
+        t0 = time.time()
+        with torch.inference_mode():
+            h, w = propagate_sequence(encoder, frames, ann0, os.path.join(out, seq), cfg, device, amp, overlay_dir)
+        dt, n_all = time.time() - t0, n_all + len(frames)
+        line = f"[{i + 1}/{len(seqs)}] {seq}: {len(frames)} frames, grid {h}x{w} | {len(frames) / dt:.1f} frames/s"
+        n_gt = len(glob.glob(os.path.join(root, "Annotations", "480p", seq, "*.png")))
+        if n_gt == len(frames) and scored:  # scored from the PNGs just written: the numbers --eval-only would give
+            seq_rows = object_rows(seq, *evaluate_sequence(root, out, seq))
+            rows += seq_rows
+            line += f" | J&F {global_results(seq_rows)[0]:.3f} | so far {global_results(rows)[0]:.3f}"
+        else:
+            scored = False
+            line += " | no ground truth beyond frame 0: not scored"
+        print(line, flush=True)
+    print(f"propagated {n_all} frames in {time.time() - t_all:.1f} s into {out}")
+    if not scored or not rows:
+        print("no scores: the set has no full ground truth (submit the results folder to the DAVIS server)")
+        return None
+    for path in write_csvs(out, cfg.set, rows):
+        print(f"wrote {path}")
+    print(f"--- global results for {cfg.set} ({len(rows)} objects) ---")
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -111,15 +111,19 @@ def fail(msg):
 def parse_config(argv=None):
     """argparse built from the dataclass, so flag names cannot drift; the preset applies before explicit flags."""
     import argparse
+    import inspect
+    import re
+    # --help text = the comment beside each field, read from this file, so it is written once
+    helps = {k: v.replace("%", "%%") for k, v in re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M)}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=None, help=f"{helps.get(f.name, '')} (default {f.default})")
         if f.type is bool:
-            ap.add_argument(flag, action="store_true", default=None)
+            ap.add_argument(flag, action="store_true", **kw)
         elif f.type is tuple:
-            ap.add_argument(flag, type=type(f.default[0]), nargs=2, default=None)
+            ap.add_argument(flag, type=type(f.default[0]), nargs=2, **kw)
         else:
-            ap.add_argument(flag, type=f.type, default=None)
+            ap.add_argument(flag, type=f.type, **kw)
     given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     preset = given.get("preset") or ("toy" if not given.get("data") and not given.get("bench") else "")
     if preset and preset not in PRESETS:
@@ -707,7 +711,7 @@ def make_loader(cfg, rank, world, device, print0):
         fail(f"{len(videos)} videos are fewer than one step needs ({world} x {vpb} videos); lower --batch-size")
     loader = torch.utils.data.DataLoader(VideoPairs(videos, cfg), batch_size=vpb, sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if cfg.workers else None)
+                                         prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)
     print0(f"data {data}: {len(videos)} videos, {sampler.batches} steps per epoch of {world} x {cfg.batch_size} pairs")
     return loader, sampler
 

@@ -4,6 +4,7 @@ Each test states the claim it checks; each would fail if the code it covers were
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -209,6 +210,16 @@ def test_resume_after_a_crash_equals_uninterrupted_training(toy_videos, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(toy_videos, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # an absurd lr blows the weights up within a few steps
+        siammae.main(TINY + ["--data", toy_videos, "--batch-size", "4", "--max-steps", "8", "--ckpt-every", "1",
+                             "--lr", "1e12", "--warmup-epochs", "0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1, err
+    bad_step = int(re.search(r"loss is (?:nan|inf|-inf) at step (\d+)", err).group(1))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == bad_step - 1  # the last good one
 
 
 def test_ddp_two_gloo_processes_match_one_process(toy_videos, tmp_path):

@@ -318,12 +318,11 @@ def test_bad_inputs_give_one_line_errors_and_exit_code_2(toy_images, tmp_path, c
     assert "--ckpt" in bad_exit(capsys, main, TINY + ["--data", toy_images, "--eval"])
     assert "does not exist" in bad_exit(capsys, main, TINY + ["--data", toy_images, "--eval", "--ckpt",
                                                               str(tmp_path / "none.pt")])
-    out = str(tmp_path / "run")
-    assert "no checkpoint" in bad_exit(capsys, main, TINY + ["--data", toy_images, "--out", out, "--resume"])
-    main(TINY + ["--data", toy_images, "--out", out, "--batch-size", "4", "--max-steps", "1"])
-    assert "exists" in bad_exit(capsys, main, TINY + ["--data", toy_images, "--out", out])
-    assert "another architecture" in bad_exit(capsys, main, TINY + ["--data", toy_images, "--out", out, "--resume",
-                                                                    "--proj-dim", "16"])
+    run = TINY + ["--data", toy_images, "--out", str(tmp_path / "run"), "--batch-size", "4"]
+    assert "no checkpoint" in bad_exit(capsys, main, run + ["--resume"])
+    main(run + ["--max-steps", "1"])
+    assert "exists" in bad_exit(capsys, main, run)
+    assert "another architecture" in bad_exit(capsys, main, run + ["--resume", "--proj-dim", "16"])
 
 
 def test_bench_prints_one_summary_line(capsys):

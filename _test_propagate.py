@@ -168,8 +168,9 @@ def dino_reference(target, ctx_feats, ctx_labels, h, w, r, k, tau):
 
 
 def to_ours(x, h, w):
-    """(…, h·w, ·) row-major -> (…, w, h, ·) the transposed grid propagate_step takes."""
-    return x.reshape(*x.shape[:-2], h, w, x.shape[-1]).transpose(-3, -2).contiguous()
+    """(…, h·w, ·) row-major -> (w, …, h, ·), the column-major context layout propagate_step takes."""
+    x = x.reshape(*x.shape[:-2], h, w, x.shape[-1]).movedim(-2, 0)  # (w, …, h, ·)
+    return x.contiguous()
 
 
 @pytest.mark.parametrize("h,w,r,k,S", [(6, 11, 2, 5, 3), (5, 9, 0, 7, 2), (4, 13, 20, 3, 4), (7, 10, 1, 9, 1)])
@@ -181,24 +182,26 @@ def test_propagation_equals_dino_loop(h, w, r, k, S):
     lab = torch.softmax(torch.randn(S, h * w, C, generator=g), dim=-1)
     ref = dino_reference(tgt, ctx, lab, h, w, r, k, 0.1)
     ours = P.propagate_step(to_ours(tgt, h, w), to_ours(ctx, h, w), to_ours(lab, h, w),
-                            P.neighbourhood_bands(h, w, r, "cpu", band=3), k, 0.1)
+                            P.neighbourhood_bands(h, w, r, "cpu", band=3), k, 0.1)  # (w, h, C)
     torch.testing.assert_close(ours.transpose(0, 1).reshape(h * w, C), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_topk_keeps_ties():
-    logits = torch.tensor([[[0.9, 0.5, 0.5, 0.1]], [[0.5, -float("inf"), 0.2, 0.3]]])  # (S=2, Tq=1, Ts=4)
+    logits = torch.tensor([[0.9, 0.5, 0.5, 0.1, 0.5, -float("inf"), 0.2, 0.3]])  # (Tq=1, M=8)
     weights, ids = P.topk_affinity(logits, 2, 0.1)
     kept = {int(i) for i, wt in zip(ids[0], weights[0]) if wt > 0}
     assert kept == {0, 1, 2, 4}  # 0.9 and all three 0.5's (k = 2 but tied with the 2nd largest)
     e = np.exp(np.array([0.9, 0.5, 0.5, 0.5]) / 0.1)
     assert sorted(weights[0][weights[0] > 0].tolist()) == pytest.approx(sorted(e / e.sum()))
+    weights, ids = P.topk_affinity(torch.tensor([[0.4, -float("inf"), 0.1]]), 5, 0.1)  # fewer than k in the window
+    assert weights[0].tolist() == pytest.approx([1 / (1 + np.exp(-3)), np.exp(-3) / (1 + np.exp(-3)), 0])
 
 
 def test_neighbourhood_bands_cover_dino_window():
     h, w, r = 5, 9, 2
     full = torch.zeros(w, h, w, h, dtype=torch.bool)  # (target col, row, source col, row)
     for c0, c1, s0, s1, forbidden in P.neighbourhood_bands(h, w, r, "cpu", band=2):
-        full[c0:c1, :, s0:s1, :] = (~forbidden).view(c1 - c0, h, s1 - s0, h)
+        full[c0:c1, :, s0:s1, :] = (~forbidden).view(c1 - c0, h, s1 - s0, h)  # (Tq, cols, 1, h) -> grid order
     for i in range(h):
         for j in range(w):
             for p in range(h):
@@ -211,7 +214,8 @@ def test_identical_frames_return_first_label_exactly():
     h, w, D = 6, 8, 32
     feat = F.normalize(torch.randn(w, h, D, generator=g), dim=-1)
     onehot = F.one_hot(torch.randint(0, 3, (w, h), generator=g), 3).float()
-    ctx, lab = feat.expand(4, -1, -1, -1).contiguous(), onehot.expand(4, -1, -1, -1).contiguous()
+    ctx = feat[:, None].expand(-1, 4, -1, -1).contiguous()  # 4 identical context frames: (w, S, h, D)
+    lab = onehot[:, None].expand(-1, 4, -1, -1).contiguous()
     bands = P.neighbourhood_bands(h, w, 20, "cpu")
     assert torch.equal(P.propagate_step(feat, ctx, lab, bands, 1, 0.1), onehot)  # own patch, tied across frames
     soft = P.propagate_step(feat, ctx, lab, bands, 5, 0.01)

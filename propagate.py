@@ -407,74 +407,59 @@ def list_sequences(root, subset):
 
 # -----------------------------------------------------------------------------
 # Propagation (REFERENCE §4.5-§4.10)
-# S context frames (frame 0 + the queue), Tq target patches and Ts source patches of one band, K kept sources, C classes
-# Grids are stored transposed, (w, h, ·), so that a band of columns is one contiguous slice of memory.
+# S context frames (frame 0 + the queue), Tq target patches of one band, M candidate sources of that band, C classes.
+# The context is stored column-major, (w, S, h, ·): a band of columns of ALL context frames is then one contiguous
+# block, so its affinities are one matrix product and its top-k one call, with no copies.
 
 def neighbourhood_bands(h, w, r, device, band=4):
     """REFERENCE §4.7 built once per grid size with tensor ops: source (p, q) may feed target (i, j) iff |p - i| <= r
     and |q - j| <= r (DINO's square window; r = 0 means no restriction, as in DINO's `if size > 0`).
     The targets are split into bands of `band` columns; a band's sources are its columns ± r, so the affinity is never
-    computed where the window forbids it (a third less work at 30x52, r = 20). Returns [(c0, c1, s0, s1, forbidden)] with
-    targets = columns [c0, c1), sources = columns [s0, s1), forbidden: (Tq, Ts) bool in (column, row) order."""
+    computed where the window forbids it (a third less work at 30x52, r = 20). Returns [(c0, c1, s0, s1, forbidden)]:
+    targets = columns [c0, c1), sources = columns [s0, s1), forbidden (Tq, s1 - s0, 1, h) bool, broadcast over S."""
     if r == 0 or r >= w - 1:  # every band would need every column: one band, no saving to be had
         band = w
     bands = []
     for c0 in range(0, w, band):
         c1 = min(w, c0 + band)
         s0, s1 = (0, w) if r == 0 else (max(0, c0 - r), min(w, c1 + r))
-        tc, tr = torch.meshgrid(torch.arange(c0, c1), torch.arange(h), indexing="ij")  # (c1-c0, h) each
-        sc, sr = torch.meshgrid(torch.arange(s0, s1), torch.arange(h), indexing="ij")  # (s1-s0, h) each
-        allowed = ((tc.reshape(-1, 1) - sc.reshape(1, -1)).abs() <= r) & \
-                  ((tr.reshape(-1, 1) - sr.reshape(1, -1)).abs() <= r)  # (Tq, Ts)
-        if r == 0:
-            allowed[:] = True
-        bands.append((c0, c1, s0, s1, ~allowed.to(device)))  # stored as the forbidden set, what masked_fill wants
+        tc, tr = torch.meshgrid(torch.arange(c0, c1), torch.arange(h), indexing="ij")  # target (column, row)
+        tc, tr = tc.reshape(-1, 1, 1, 1), tr.reshape(-1, 1, 1, 1)  # (Tq, 1, 1, 1), Tq = (c1 - c0)·h
+        sc, sr = torch.arange(s0, s1).view(1, -1, 1, 1), torch.arange(h).view(1, 1, 1, -1)  # source column, row
+        forbidden = ((tc - sc).abs() > r) | ((tr - sr).abs() > r)  # (Tq, s1 - s0, 1, h)
+        bands.append((c0, c1, s0, s1, (forbidden & (r > 0)).to(device)))
     return bands
-
-
-def joint_topk(logits, n):
-    """The n largest entries per target over ALL context frames jointly (REFERENCE §4.8), in two exact stages:
-    the n best of a union lie among the n best of each part. logits (S, Tq, Ts) -> values, flat ids s·Ts + t: (Tq, n)."""
-    S, Tq, Ts = logits.shape
-    n1 = min(n, Ts)
-    v1, i1 = logits.topk(n1, dim=2)  # best n per context frame: (S, Tq, n1)
-    i1 = i1 + Ts * torch.arange(S, device=logits.device).view(S, 1, 1)  # flat source ids
-    v1 = v1.permute(1, 0, 2).reshape(Tq, S * n1)  # (Tq, S·n1)
-    i1 = i1.permute(1, 0, 2).reshape(Tq, S * n1)
-    v, j = v1.topk(min(n, S * n1), dim=1)  # (Tq, n)
-    return v, i1.gather(1, j)
 
 
 def topk_affinity(logits, k, temperature):
     """REFERENCE §4.6 + §4.8: A = exp(<f_t, f_s> / τ); per target, entries strictly below the k-th largest are zeroed
-    (ties with it are kept, as DINO's `aff[aff < tk_val_min] = 0` keeps them), the rest divided by their sum.
-    exp is increasing, so ranking the logits ranks A; we exponentiate only the kept entries, shifted by the row max
-    (the same normalized weights, without overflow at small τ). logits (S, Tq, Ts), -inf = outside the window
-    -> weights (Tq, n), flat source ids (Tq, n), n = k unless there are ties."""
-    v, ids = joint_topk(logits, k + 1)
+    (ties with it are kept, as DINO's `aff[aff < tk_val_min] = 0` keeps them), the rest divided by their sum. The top-k
+    runs over all context frames jointly, since they share the source axis. exp is increasing, so ranking the logits
+    ranks A; only the kept entries are exponentiated, shifted by the row max (the same normalized weights, without
+    overflow at small τ). logits (Tq, M), -inf outside the window -> weights, source ids: (Tq, n), n = k bar ties."""
+    v, ids = logits.topk(min(k + 1, logits.shape[1]), dim=1)  # one extra, to see a tie at the k-th: (Tq, k + 1)
     kth = v[:, :k][:, -1:]  # k-th largest logit per target (the last one if fewer exist): (Tq, 1)
     if v.shape[1] > k and (v[:, k:] == kth).any():  # a tie at the threshold: widen to every entry >= it
-        floor = kth.clamp(min=torch.finfo(logits.dtype).min).view(1, -1, 1)  # -inf (too few in window) counts nothing
-        n = int((logits >= floor).sum(dim=(0, 2)).max())
-        v, ids = joint_topk(logits, n)
+        n = int((logits >= kth.clamp(min=torch.finfo(logits.dtype).min)).sum(dim=1).max())  # -inf counts nothing
+        v, ids = logits.topk(n, dim=1)
     weights = torch.exp((v - v[:, :1]) / temperature)  # A up to a per-target factor that the normalization cancels
-    weights = weights * (v >= kth)  # zero what is strictly below the k-th largest (and -inf: outside the window)
+    weights = weights * (v >= kth)  # zero what is strictly below the k-th largest
     return weights / weights.sum(dim=1, keepdim=True), ids
 
 
 def propagate_step(target, ctx_feats, ctx_labels, bands, k, temperature):
     """Soft label of one target frame from its context (REFERENCE §4.6-§4.9): Σ_s weight(t, s) · label(s).
-    target (w, h, D) and ctx_feats (S, w, h, D) L2-normalized; ctx_labels (S, w, h, C) -> soft label (w, h, C)."""
-    S, w, h, D = ctx_feats.shape
+    target (w, h, D) and ctx_feats (w, S, h, D) L2-normalized; ctx_labels (w, S, h, C) -> soft label (w, h, C)."""
+    w, S, h, D = ctx_feats.shape
     C = ctx_labels.shape[-1]
     out = target.new_empty(w, h, C)
     for c0, c1, s0, s1, forbidden in bands:
         q = target[c0:c1].reshape(-1, D)  # this band's targets: (Tq, D)
-        keys = ctx_feats[:, s0:s1].reshape(S, -1, D)  # their candidate sources in every context frame: (S, Ts, D)
-        logits = q @ keys.transpose(1, 2)  # (Tq, D) x (S, D, Ts) -> (S, Tq, Ts): cosine similarities
-        logits.masked_fill_(forbidden, float("-inf"))  # §4.7 neighbourhood
+        keys = ctx_feats[s0:s1].reshape(-1, D)  # their candidate sources, all context frames: (M, D)
+        logits = q @ keys.T  # (Tq, D) x (D, M) -> (Tq, M): cosine similarities
+        logits.view(len(q), s1 - s0, S, h).masked_fill_(forbidden, float("-inf"))  # §4.7 neighbourhood
         weights, ids = topk_affinity(logits, k, temperature)  # (Tq, n) each
-        src = ctx_labels[:, s0:s1].reshape(-1, C)[ids]  # labels of the kept sources: (Tq, n, C)
+        src = ctx_labels[s0:s1].reshape(-1, C)[ids]  # labels of the kept sources: (Tq, n, C)
         out[c0:c1] = (weights.unsqueeze(-1) * src).sum(1).view(c1 - c0, h, C)  # §4.9
     return out
 
@@ -497,7 +482,11 @@ def blend(bgr, ids, alpha=0.5):
     out = bgr.astype(np.float32)
     fg = ids > 0
     out[fg] = alpha * out[fg] + (1 - alpha) * colour[fg]
-    return out.round().astype(np.uint8)
+    out = out.round().astype(np.uint8)
+    for k in np.unique(ids[fg]):  # outlines in the object's colour: where a mask leaks or shrinks is what to look at
+        contours = cv2.findContours((ids == k).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)[0]
+        cv2.drawContours(out, contours, -1, PALETTE[k][::-1].tolist(), 1)
+    return out
 
 
 def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, overlay_dir=None):
@@ -514,7 +503,7 @@ def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, ove
     os.makedirs(seq_dir, exist_ok=True)
     save_indexed_png(os.path.join(seq_dir, os.path.basename(frames[0])[:-4] + ".png"), ann)  # frame 0 = given
     bands = neighbourhood_bands(h, w, cfg.radius, device)
-    ctx_feats = ctx_labels = None  # (1 + queue, w, h, ·): slot 0 = frame 0, slots 1.. a ring of the last predictions
+    ctx_feats = ctx_labels = None  # (w, 1 + queue, h, ·): slot 0 = frame 0, slots 1.. a ring of the last predictions
     strip_at = set(np.linspace(0, len(frames) - 1, min(6, len(frames))).round().astype(int).tolist())
     strip, video = [], None
     for start in range(0, len(frames), cfg.batch):
@@ -531,17 +520,17 @@ def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, ove
             t = start + b
             if t == 0:
                 S = 1 + cfg.queue
-                ctx_feats = feats.new_zeros(S, w, h, feats.shape[-1])
-                ctx_labels = feats.new_zeros(S, w, h, onehot.shape[-1])
-                ctx_feats[0], ctx_labels[0] = feats[0], onehot.transpose(0, 1).to(device)
+                ctx_feats = feats.new_zeros(w, S, h, feats.shape[-1])
+                ctx_labels = feats.new_zeros(w, S, h, onehot.shape[-1])
+                ctx_feats[:, 0], ctx_labels[:, 0] = feats[0], onehot.transpose(0, 1).to(device)
                 ids = ann
             else:
                 n_ctx = 1 + min(t - 1, cfg.queue)  # frame 0 + the predictions so far, at most `queue` of them (§4.5)
-                soft = propagate_step(feats[b].contiguous(), ctx_feats[:n_ctx], ctx_labels[:n_ctx], bands,
+                soft = propagate_step(feats[b].contiguous(), ctx_feats[:, :n_ctx], ctx_labels[:, :n_ctx], bands,
                                       cfg.topk, cfg.temperature)  # (w, h, C)
                 if cfg.queue > 0:  # the soft label (before argmax) joins the context, evicting the oldest (§4.5, §4.9)
                     slot = 1 + (t - 1) % cfg.queue  # the order of context frames does not matter: top-k is over a set
-                    ctx_feats[slot], ctx_labels[slot] = feats[b], soft
+                    ctx_feats[:, slot], ctx_labels[:, slot] = feats[b], soft
                 ids = labels_to_pixels(soft.permute(2, 1, 0), p, (H, W))  # (C, h, w) -> (H, W) uint8
                 save_indexed_png(os.path.join(seq_dir, os.path.basename(path)[:-4] + ".png"), ids)
             if overlay_dir:
@@ -739,8 +728,8 @@ def bench(cfg, device, amp):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     h, w, D, S = 30, 52, 384, 1 + cfg.queue  # the ViT-S/16 grid of a 480x832 frame; frame 0 + a full queue
-    feats = F.normalize(torch.randn(S, w, h, D, generator=g), dim=-1).to(device)
-    labels = torch.softmax(4 * torch.randn(S, w, h, 3, generator=g), dim=-1).to(device)  # 2 objects + background
+    feats = F.normalize(torch.randn(w, S, h, D, generator=g), dim=-1).to(device)
+    labels = torch.softmax(4 * torch.randn(w, S, h, 3, generator=g), dim=-1).to(device)  # 2 objects + background
     target = F.normalize(torch.randn(w, h, D, generator=g), dim=-1).to(device)
     bands = neighbourhood_bands(h, w, cfg.radius, device)
     with torch.inference_mode():

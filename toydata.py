@@ -120,6 +120,12 @@ def write_avi(path, video, fps=25):
     for frame in video:
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
+    # OpenCV's FFmpeg backend encodes MPEG-4 Part 2 (what XviD is) but tags the stream 'FMP4'; UCF101's files say
+    # 'XVID'. Same bitstream, so set the tag in the AVI headers (strh handler, strf compression) as UCF101 has it.
+    with open(path, "r+b") as f:
+        head = f.read(8192)
+        f.seek(0)
+        f.write(head.replace(b"FMP4", b"XVID"))
 
 
 def make_ucf101(root, rng, groups=3, clips=2, size=(120, 160), frames=64):

@@ -246,10 +246,27 @@ def test_resume_after_a_crash_equals_uninterrupted_training(toy_images, tmp_path
     assert [r["step"] for r in log] == [1, 2, 3, 4]
 
 
+def zero_gradient_by_construction(name, t):
+    """Entries whose exact gradient is 0: a bias right before BatchNorm (BN subtracts it again), the feature decoder's
+    last bias and LN shift (a constant added to every token of every image, removed by the projector's BN), and the
+    key bias of attention (softmax is shift-invariant). Their float-noise gradients become ±lr Adam steps (Adam
+    divides by the gradient's own size), so they cannot match across process counts and are checked separately."""
+    if name.endswith(("projector.fc0.bias", "predictor.fc0.bias", "feature_decoder.decoder_pred.bias",
+                      "feature_decoder.decoder_norm.bias")):
+        return torch.ones_like(t, dtype=torch.bool)
+    mask = torch.zeros_like(t, dtype=torch.bool)
+    if name.endswith("attn.qkv.bias"):
+        D = t.shape[0] // 3
+        mask[D:2 * D] = True
+    return mask
+
+
 def test_ddp_two_gloo_processes_match_one_process(toy_images, tmp_path):
     """2 processes x 4 images = 1 process x 8: the all-gathered negatives, global BatchNorm and DDP's gradient mean
-    reproduce the single-process step (online, EMA target and BN running statistics)."""
-    common = TINY + ["--data", toy_images, "--max-steps", "2", "--ckpt-every", "100"]
+    reproduce the single-process steps (online, EMA target and BN running statistics)."""
+    lr, steps = 1e-3, 3
+    common = TINY + ["--data", toy_images, "--max-steps", str(steps), "--ckpt-every", "100", "--lr", str(lr),
+                     "--warmup-epochs", "0"]
     cmae.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
     script = tmp_path / "run_cmae.py"  # registers the test ViT in each torchrun process, then runs cmae.main
     script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport cmae\n"
@@ -262,9 +279,16 @@ def test_ddp_two_gloo_processes_match_one_process(toy_images, tmp_path):
     assert "world 2" in run.stdout
     a, b = params_of(tmp_path / "one" / "checkpoint.pt"), params_of(tmp_path / "two" / "checkpoint.pt")
     assert a.keys() == b.keys()
-    diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
+    diff, noise = {}, {}
+    for k in a:
+        d = (a[k].float() - b[k].float()).abs()
+        z = zero_gradient_by_construction(k, d)
+        diff[k], noise[k] = d[~z].max().item() if (~z).any() else 0.0, d[z].max().item() if z.any() else 0.0
     assert max(diff.values()) < 1e-5, sorted(diff.items(), key=lambda kv: -kv[1])[:3]
-    assert not torch.equal(a["encoder.blocks.0.attn.qkv.weight"], cmae.CMAE(tiny_cfg()).encoder.blocks[0].attn.qkv.weight)
+    assert max(noise.values()) <= 2 * lr * steps + 1e-6
+    init = cmae.CMAE(tiny_cfg()).state_dict()
+    moved = (a["encoder.blocks.0.attn.qkv.weight"] - init["encoder.blocks.0.attn.qkv.weight"]).abs().max().item()
+    assert moved > 100 * 1e-5  # the runs did move the weights far beyond the tolerance
 
 
 def test_short_toy_run_lowers_both_losses_and_beats_the_untrained_knn(toy_images, tmp_path, capsys):

@@ -628,6 +628,8 @@ def reconstruction_figure(path, frames, pred, mask, p, rows=4):
     img = (grid * std + mu).clamp(0, 1).mul(255).byte()  # back to RGB
     b, c, _, S, _ = img.shape
     img = img.permute(0, 3, 1, 4, 2).reshape(b * S, c * S, 3).numpy()  # rows of (f1 | masked f2 | pred | f2)
+    zoom = max(1, 160 // S)  # small toy crops are enlarged (nearest) so the patches stay visible
+    img = cv2.resize(img, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
     cv2.imwrite(path + ".tmp.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     os.replace(path + ".tmp.png", path)
 

@@ -9,7 +9,7 @@ Mean / Recall / Decay), re-implemented with numpy + OpenCV so that it prints the
 
     python propagate.py --ckpt random                        # toy DAVIS (generated once), untrained ViT-S/16
     python propagate.py --ckpt pixels                        # toy DAVIS, raw colour patches as features
-    python propagate.py --ckpt out/ckpt.pt --davis DAVIS/    # DAVIS-2017 val, SiamMAE Table 4b settings
+    python propagate.py --ckpt out/siammae/checkpoint.pt --davis DAVIS/   # DAVIS-2017 val, SiamMAE Table 4b
     python propagate.py --ckpt dino_deitsmall16_pretrain.pth --davis DAVIS/ --protocol dino   # DINO's own run
     python propagate.py --eval-only --results DIR --davis DAVIS/   # score any results folder, no model
     python propagate.py --bench                              # timings without data
@@ -19,17 +19,29 @@ OUT/global_results-<set>.csv, OUT/per-sequence_results-<set>.csv (the toolkit's 
 `--ckpt` takes a checkpoint of siammae.py / msn.py / cmae.py, or any plain ViT in timm / DINO / MAE naming (the
 architecture is read off the tensor shapes), or one of the two baselines `random` and `pixels`.
 
-Measured (2-core AMD EPYC CPU, torch 2.14, 2025): see the note printed by `--bench`; numbers in the lead's README.
+Checked against the originals (scratch copies, not part of this repo): davis2017-evaluation with scikit-image gives
+bit-identical per-frame J and F and byte-identical CSVs on the toy results; DINO's eval_video_segmentation.py, run on
+CPU with the same random ViT-S/16 on the toy DAVIS (--protocol dino --short-side 160), gives the same global J&F
+(0.566) with 55 of 60 PNGs bit-identical: the rest differ where float rounding (another summation order) flips a
+near-tied top-k choice, as two GPUs would.
+Measured 2026-11 on the 2-core AMD EPYC CPU (torch 2.14, CPU time of one thread, as other jobs shared the cores):
+propagation 0.42 s/frame at 30x52, queue 20, radius 20, top-k 7 (DINO's label_propagation: 1.39 s, plus 5.7 s
+per video to build its mask, ours 0.01 s); ViT-S/16 forward 1.3-1.4 s per 480x832 frame; back to pixels + PNG +
+frame reading 0.017 s/frame; J and F of one 480x854 object-frame 0.8 ms (the toolkit: 3.5-7.6 ms).
+`python propagate.py --bench` prints the wall-clock versions.
 """
 import argparse
 import csv
 import dataclasses
 import glob
+import inspect
 import math
 import os
+import re
 import sys
+import tempfile
 import time
-from collections import OrderedDict
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -48,23 +60,23 @@ class Config:
     ckpt: str = ""  # checkpoint path, or `random` (untrained ViT of --model) or `pixels` (raw RGB patches)
     davis: str = ""  # DAVIS-2017 root (JPEGImages/, Annotations/, ImageSets/); empty = toy DAVIS from toydata.py
     set: str = "val"  # which ImageSets/2017/<set>.txt to run; the published tables use val (30 videos, 59 objects)
-    out: str = ""  # results folder; empty = davis_results/<ckpt name>
+    out: str = ""  # results folder; empty = out/davis/<ckpt name>-<protocol>
     eval_only: bool = False  # only score an existing results folder (--results) against --davis
     results: str = ""  # the results folder for --eval-only: <results>/<seq>/<frame>.png
     protocol: str = "siammae"  # preset of the knobs below: siammae (Table 4b) | dino (eval_video_segmentation.py)
     topk: int = 7  # labels come from the k most similar source patches (SiamMAE Table 4b: 7; DINO script: 5)
     queue: int = 20  # past predicted frames kept as context besides frame 0 (SiamMAE: 20; DINO: 7)
-    radius: int = 20  # square neighbourhood |Δrow|,|Δcol| <= r on the patch grid; 0 = whole frame (SiamMAE 20; DINO 12)
+    radius: int = 20  # square window |Δrow|,|Δcol| <= r on the patch grid; 0 = whole frame (SiamMAE 20; DINO 12)
     temperature: float = 0.1  # affinity exp(<f_t, f_s> / τ) (DINO's 0.1; SiamMAE does not state it)
     short_side: int = 480  # frames resized so the short side is this (DINO: 480, the "480p" of DAVIS)
     size_multiple: int = 64  # the long side is floored to a multiple of this (DINO: 64, so 854 -> 832)
     model: str = "vit_small"  # architecture of `random`; for a checkpoint it is read from the shapes
     patch_size: int = 0  # 0 = from the checkpoint (random / pixels: 16); set it to check a checkpoint
     heads: int = 0  # 0 = from the width (192:3, 384:6, 768:12, 1024:16); needed for other widths
-    checkpoint_key: str = ""  # sub-dict of a plain checkpoint to use; empty = teacher, target_encoder, model, state_dict
+    checkpoint_key: str = ""  # sub-dict of a plain checkpoint; empty = teacher, target_encoder, model, state_dict
     seed: int = 0  # seeds the `random` encoder
     batch: int = 8  # frames per forward pass (features are batched over frames; memory grows with it)
-    precision: str = "bf16"  # forward pass under bf16 autocast on CUDA (fp32 on CPU); fp32 = bit-for-bit DINO script
+    precision: str = "bf16"  # bf16 autocast for the forward pass on CUDA (CPU: fp32); fp32 = what DINO's script ran
     device: str = "auto"  # auto = cuda if available else cpu
     overlay: bool = False  # also write OUT/overlays/<seq>.png (strip) and .mp4 with the masks blended in colour
     bench: bool = False  # time propagation, the ViT-S/16 forward pass and the metric at 480p, without data
@@ -81,12 +93,15 @@ TOY = dict(short_side=160, size_multiple=16)  # toy DAVIS frames are 160 px high
 def parse_config(argv):
     """Builds the argparse parser from Config's fields; precedence: defaults < --protocol preset < toy < flags."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    # the help text of a flag is the comment beside its field above: one place to say what it is and why to change it
+    notes = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, note = "--" + f.name.replace("_", "-"), notes.get(f.name, "").replace("%", "%%")
         if f.type is bool or f.type == "bool":
-            ap.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+            ap.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=note)
         else:
-            ap.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, metavar=f.name.upper())
+            ap.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, metavar=f.name.upper(),
+                            help=f"{note} [{f.default!r}]")
     given = vars(ap.parse_args(argv))
     cfg = Config()
     protocol = given.get("protocol", cfg.protocol)
@@ -376,7 +391,7 @@ def read_frame(path, size):
 
 def first_label(path, grid):
     """REFERENCE §4.4: original annotation, and its one-hot on the patch grid (C = max id + 1 after the resize)."""
-    ann = np.array(Image.open(path))
+    ann = read_index_png(path, "first-frame annotation")
     h, w = grid
     small = np.array(Image.fromarray(ann).resize((w, h), Image.NEAREST))  # PIL nearest, straight to the grid
     # 255 (void) in a first frame would become a 256th class in DINO's script; it is "not an object": background
@@ -465,7 +480,7 @@ def propagate_step(target, ctx_feats, ctx_labels, bands, k, temperature):
 
 
 def labels_to_pixels(soft, patch_size, size):
-    """REFERENCE §4.10 (DINO `norm_mask` + argmax + resize): soft (C, h, w) -> uint8 ids (H, W) at the original size."""
+    """REFERENCE §4.10 (DINO `norm_mask`, argmax, resize): soft (C, h, w) -> uint8 ids (H, W) at the original size."""
     up = F.interpolate(soft[None], scale_factor=patch_size, mode="bilinear", align_corners=False,
                        recompute_scale_factor=False)[0]  # (C, h·p, w·p)
     lo, hi = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)  # (C, 1, 1)
@@ -489,6 +504,28 @@ def blend(bgr, ids, alpha=0.5):
     return out
 
 
+class Overlay:
+    """--overlay pictures of one sequence: every frame blended into <dir>/<seq>.mp4, six of them side by side in
+    <dir>/<seq>.png (240 px high), so a person can see where the propagation fails."""
+
+    def __init__(self, folder, seq, n_frames, H, W):
+        self.png = os.path.join(folder, seq + ".png")
+        self.video = cv2.VideoWriter(os.path.join(folder, seq + ".mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
+        self.at = set(np.linspace(0, n_frames - 1, min(6, n_frames)).round().astype(int).tolist())
+        self.strip, self.size = [], (round(W * 240 / H), 240)
+
+    def add(self, t, bgr, ids):
+        pic = blend(bgr, np.where(ids == 255, 0, ids))
+        self.video.write(pic)
+        if t in self.at:
+            self.strip.append(cv2.resize(pic, self.size, interpolation=cv2.INTER_AREA))
+
+    def close(self):
+        self.video.release()
+        cv2.imwrite(self.png[:-4] + ".tmp.png", np.concatenate(self.strip, axis=1))
+        os.replace(self.png[:-4] + ".tmp.png", self.png)
+
+
 def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, overlay_dir=None):
     """REFERENCE §4 for one video, streamed in chunks of --batch frames: memory holds the 1 + queue context frames
     and one chunk, whatever the video length. Writes <seq_dir>/<frame>.png for every frame; returns the grid."""
@@ -504,8 +541,7 @@ def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, ove
     save_indexed_png(os.path.join(seq_dir, os.path.basename(frames[0])[:-4] + ".png"), ann)  # frame 0 = given
     bands = neighbourhood_bands(h, w, cfg.radius, device)
     ctx_feats = ctx_labels = None  # (w, 1 + queue, h, ·): slot 0 = frame 0, slots 1.. a ring of the last predictions
-    strip_at = set(np.linspace(0, len(frames) - 1, min(6, len(frames))).round().astype(int).tolist())
-    strip, video = [], None
+    overlay = Overlay(overlay_dir, os.path.basename(seq_dir), len(frames), H, W) if overlay_dir else None
     for start in range(0, len(frames), cfg.batch):
         chunk = frames[start:start + cfg.batch]
         pairs = [read_frame(f, size) for f in chunk]
@@ -528,24 +564,15 @@ def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, ove
                 n_ctx = 1 + min(t - 1, cfg.queue)  # frame 0 + the predictions so far, at most `queue` of them (§4.5)
                 soft = propagate_step(feats[b].contiguous(), ctx_feats[:, :n_ctx], ctx_labels[:, :n_ctx], bands,
                                       cfg.topk, cfg.temperature)  # (w, h, C)
-                if cfg.queue > 0:  # the soft label (before argmax) joins the context, evicting the oldest (§4.5, §4.9)
+                if cfg.queue > 0:  # the soft label (before argmax) joins the context, evicts the oldest (§4.5, §4.9)
                     slot = 1 + (t - 1) % cfg.queue  # the order of context frames does not matter: top-k is over a set
                     ctx_feats[:, slot], ctx_labels[:, slot] = feats[b], soft
                 ids = labels_to_pixels(soft.permute(2, 1, 0), p, (H, W))  # (C, h, w) -> (H, W) uint8
                 save_indexed_png(os.path.join(seq_dir, os.path.basename(path)[:-4] + ".png"), ids)
-            if overlay_dir:
-                pic = blend(pairs[b][1], np.where(ids == 255, 0, ids))
-                if video is None:
-                    video = cv2.VideoWriter(os.path.join(overlay_dir, os.path.basename(seq_dir) + ".mp4"),
-                                            cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
-                video.write(pic)
-                if t in strip_at:
-                    strip.append(cv2.resize(pic, (round(W * 240 / H), 240), interpolation=cv2.INTER_AREA))
-    if overlay_dir:
-        video.release()
-        tmp = os.path.join(overlay_dir, os.path.basename(seq_dir) + ".tmp.png")
-        cv2.imwrite(tmp, np.concatenate(strip, axis=1))
-        os.replace(tmp, tmp[:-8] + ".png")
+            if overlay:
+                overlay.add(t, pairs[b][1], ids)
+    if overlay:
+        overlay.close()
     return h, w
 
 
@@ -616,11 +643,13 @@ def db_statistics(values):
     Decay = mean of the first of 4 bins minus mean of the last, bins v[ids[i] : ids[i+1] + 1] with
     ids = round(linspace(1, n, 5) + 1e-10) - 1 (neighbouring bins share a frame)."""
     values = np.asarray(values, dtype=np.float64)
-    mean, recall = np.nanmean(values), np.nanmean(values > 0.5)
-    # the toolkit casts ids to uint8 (wrapping beyond 256 frames; DAVIS videos are shorter): kept for identical output
-    ids = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(np.uint8)
-    bins = [values[ids[i]:ids[i + 1] + 1] for i in range(4)]
-    return mean, recall, np.nanmean(bins[0]) - np.nanmean(bins[3])
+    with warnings.catch_warnings():  # no scored frame (a 2-frame video) gives NaN, silently, as in the toolkit
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        mean, recall = np.nanmean(values), np.nanmean(values > 0.5)
+        # the toolkit casts ids to uint8 (wrapping beyond 256 frames; DAVIS videos are shorter): kept, same output
+        ids = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(np.uint8)
+        bins = [values[ids[i]:ids[i + 1] + 1] for i in range(4)]
+        return mean, recall, np.nanmean(bins[0]) - np.nanmean(bins[3])
 
 
 def read_index_png(path, what):
@@ -746,13 +775,36 @@ def bench(cfg, device, amp):
         t_vit = timed(lambda: model.features(x), sync, 2 if device.type == "cpu" else 5) / B
     print(f"ViT-S/16 forward, 480x832, batch {B}: {t_vit:.3f} s/frame")
 
+    # the whole run on a synthetic 480x854 video: reading, forward, propagation, PNG writing and scoring per frame
+    T, rng = cfg.queue + 4, np.random.default_rng(0)  # long enough for the queue to fill
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for sub in ("JPEGImages", "Annotations", "out"):
+            os.makedirs(os.path.join(tmp, sub, "480p", "synthetic"))
+        for t in range(T):  # a square drifting over a noise background
+            img, lab = rng.integers(0, 256, (480, 854, 3), dtype=np.uint8), np.zeros((480, 854), np.uint8)
+            img[100:300, 200 + 8 * t:400 + 8 * t], lab[100:300, 200 + 8 * t:400 + 8 * t] = 128, 1  # grey square
+            paths.append(os.path.join(tmp, "JPEGImages", "480p", "synthetic", f"{t:05d}.jpg"))
+            cv2.imwrite(paths[-1], img)
+            save_indexed_png(os.path.join(tmp, "Annotations", "480p", "synthetic", f"{t:05d}.png"), lab)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            propagate_sequence(model, paths, paths[0].replace("JPEGImages", "Annotations")[:-4] + ".png",
+                               os.path.join(tmp, "out", "synthetic"), cfg, device, amp)
+        t_run = (time.perf_counter() - t0) / T
+        t0 = time.perf_counter()
+        evaluate_sequence(tmp, os.path.join(tmp, "out"), "synthetic")
+        t_eval = (time.perf_counter() - t0) / T
+    print(f"whole run, {T}-frame 480x854 video, ViT-S/16: {t_run:.3f} s/frame = forward + {t_run - t_vit:.3f} s; "
+          f"+ scoring {t_eval * 1000:.0f} ms/frame")
+
     yy, xx = np.mgrid[0:480, 0:854]
     gt = (yy - 240) ** 2 / 120 ** 2 + (xx - 400) ** 2 / 200 ** 2 < 1  # an ellipse and a shifted, wobblier one
     pred = (yy - 250) ** 2 / 110 ** 2 + (xx - 420 + 15 * np.sin(yy / 9)) ** 2 / 210 ** 2 < 1
     t_metric = timed(lambda: (jaccard(pred, gt), f_measure(pred, gt)), lambda: None, 20)
     print(f"J and F of one 480x854 object-frame: {t_metric * 1000:.1f} ms "
           f"(J {jaccard(pred, gt):.3f}, F {f_measure(pred, gt):.3f})")
-    return dict(propagation_s=t_prop, pixels_s=t_pix, vit_s=t_vit, metric_ms=t_metric * 1000)
+    return dict(propagation_s=t_prop, pixels_s=t_pix, vit_s=t_vit, run_s=t_run, metric_ms=t_metric * 1000)
 
 
 # -----------------------------------------------------------------------------
@@ -778,17 +830,17 @@ def main(argv=None):
         import toydata
         root = os.path.join(toydata.ensure_toy_data(), "DAVIS")
         print(f"no --davis: toy DAVIS at {root}, toy preset {TOY} (frames stay at their native 160 px)")
-    print(f"protocol {cfg.protocol}: top-k {cfg.topk}, queue {cfg.queue}, radius {cfg.radius}, "
-          f"temperature {cfg.temperature}, short side {cfg.short_side} (long side floored to x{cfg.size_multiple})")
-    for k in sorted(given):
-        if k in preset and given[k] != preset[k]:
-            print(f"overriding {k} = {given[k]} (preset {preset[k]})")
     if cfg.eval_only:
         if not cfg.results:
             die("--eval-only needs --results DIR (a folder of <seq>/<frame>.png)")
         seqs = list_sequences(root, cfg.set)
         return evaluate_folder(root, cfg.results, seqs, cfg.set)
 
+    print(f"protocol {cfg.protocol}: top-k {cfg.topk}, queue {cfg.queue}, radius {cfg.radius}, "
+          f"temperature {cfg.temperature}, short side {cfg.short_side} (long side floored to x{cfg.size_multiple})")
+    for k in sorted(given):
+        if k in preset and given[k] != preset[k]:
+            print(f"overriding {k} = {given[k]} (preset {preset[k]})")
     if cfg.topk < 1 or cfg.queue < 0 or cfg.radius < 0 or cfg.temperature <= 0 or cfg.batch < 1:
         die("--topk and --batch must be >= 1, --queue and --radius >= 0, --temperature > 0")
     seqs = list_sequences(root, cfg.set)  # checks the data before anything is written
@@ -796,8 +848,10 @@ def main(argv=None):
     encoder = encoder.to(device).eval()
     n_params = sum(p.numel() for p in encoder.parameters())
     print(f"encoder: {desc} ({n_params / 1e6:.1f}M params)")
-    name = os.path.splitext(os.path.basename(cfg.ckpt))[0]
-    out = cfg.out or os.path.join("davis_results", name)
+    name = os.path.splitext(os.path.basename(cfg.ckpt))[0]  # out/siammae/checkpoint.pt -> siammae-checkpoint
+    if os.path.isfile(cfg.ckpt):
+        name = f"{os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))}-{name}"
+    out = cfg.out or os.path.join("out", "davis", f"{name}-{cfg.protocol}")
     overlay_dir = os.path.join(out, "overlays") if cfg.overlay else None
     os.makedirs(overlay_dir or out, exist_ok=True)
 

@@ -48,6 +48,28 @@ def bad_exit(capsys, fn, *args):
     return err[-1]
 
 
+def params_of(ckpt):
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+
+
+def crash_then_resume(module, args, tmp_path, monkeypatch, crash_step):
+    """Trains `args` uninterrupted into a/; then into b/ with a simulated crash right after the checkpoint of step
+    `crash_step`, and `--resume` from it. Returns the two final state dicts."""
+    module.main(args + ["--out", str(tmp_path / "a")])
+    original = module.save_checkpoint
+
+    def crash_after_the_save(path, model, optimizer, scaler, step, cfg):
+        original(path, model, optimizer, scaler, step, cfg)
+        if step == crash_step:
+            raise RuntimeError("simulated crash")
+    monkeypatch.setattr(module, "save_checkpoint", crash_after_the_save)
+    with pytest.raises(RuntimeError):
+        module.main(args + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(module, "save_checkpoint", original)
+    module.main(args + ["--out", str(tmp_path / "b"), "--resume"])
+    return params_of(tmp_path / "a" / "checkpoint.pt"), params_of(tmp_path / "b" / "checkpoint.pt")
+
+
 # =============================================================================
 # toydata.py
 
@@ -226,25 +248,9 @@ def test_lr_schedule_warmup_then_cosine():
     assert siammae.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
-def params_of(ckpt):
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-
-
 def test_resume_after_a_crash_equals_uninterrupted_training(toy_videos, tmp_path, monkeypatch):
     args = TINY + ["--data", toy_videos, "--batch-size", "4", "--max-steps", "4", "--ckpt-every", "1"]
-    siammae.main(args + ["--out", str(tmp_path / "a")])
-    original = siammae.save_checkpoint
-
-    def crash_after_step_3(path, model, optimizer, scaler, step, cfg):
-        original(path, model, optimizer, scaler, step, cfg)
-        if step == 3:
-            raise RuntimeError("simulated crash")  # mid-epoch: 2 steps per epoch here
-    monkeypatch.setattr(siammae, "save_checkpoint", crash_after_step_3)
-    with pytest.raises(RuntimeError):
-        siammae.main(args + ["--out", str(tmp_path / "b")])
-    monkeypatch.setattr(siammae, "save_checkpoint", original)
-    siammae.main(args + ["--out", str(tmp_path / "b"), "--resume"])
-    a, b = params_of(tmp_path / "a" / "checkpoint.pt"), params_of(tmp_path / "b" / "checkpoint.pt")
+    a, b = crash_then_resume(siammae, args, tmp_path, monkeypatch, crash_step=3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
@@ -885,19 +891,7 @@ def test_weight_decay_groups_follow_the_official_keys():
 
 def test_cmae_resume_after_a_crash_equals_uninterrupted_training(toy_images, tmp_path, monkeypatch):
     args = CMAE_TINY + ["--data", toy_images, "--batch-size", "8", "--max-steps", "4", "--ckpt-every", "2"]
-    cmae.main(args + ["--out", str(tmp_path / "a")])
-    original = cmae.save_checkpoint
-
-    def crash_after_step_2(path, model, optimizer, scaler, step, cfg):
-        original(path, model, optimizer, scaler, step, cfg)
-        if step == 2:
-            raise RuntimeError("simulated crash")
-    monkeypatch.setattr(cmae, "save_checkpoint", crash_after_step_2)
-    with pytest.raises(RuntimeError):
-        cmae.main(args + ["--out", str(tmp_path / "b")])
-    monkeypatch.setattr(cmae, "save_checkpoint", original)
-    cmae.main(args + ["--out", str(tmp_path / "b"), "--resume"])
-    a, b = params_of(tmp_path / "a" / "checkpoint.pt"), params_of(tmp_path / "b" / "checkpoint.pt")
+    a, b = crash_then_resume(cmae, args, tmp_path, monkeypatch, crash_step=2)
     assert any(k.startswith("target_encoder.") for k in a)  # the EMA branch is in the checkpoint
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
@@ -1210,19 +1204,7 @@ def test_schedules_start_at_their_start_values_and_span_1_25x_the_run():
 
 def test_msn_resume_after_a_crash_equals_uninterrupted_training(msn_toy_images, tmp_path, monkeypatch):
     args = MSN_TINY + ["--data", msn_toy_images, "--batch-size", "8", "--max-steps", "4", "--ckpt-every", "2"]
-    msn.main(args + ["--out", str(tmp_path / "a")])
-    original = msn.save_checkpoint
-
-    def crash_after_step_2(path, model, optimizer, scaler, step, cfg):
-        original(path, model, optimizer, scaler, step, cfg)
-        if step == 2:
-            raise RuntimeError("simulated crash")
-    monkeypatch.setattr(msn, "save_checkpoint", crash_after_step_2)
-    with pytest.raises(RuntimeError):
-        msn.main(args + ["--out", str(tmp_path / "b")])
-    monkeypatch.setattr(msn, "save_checkpoint", original)
-    msn.main(args + ["--out", str(tmp_path / "b"), "--resume"])
-    a, b = params_of(tmp_path / "a" / "checkpoint.pt"), params_of(tmp_path / "b" / "checkpoint.pt")
+    a, b = crash_then_resume(msn, args, tmp_path, monkeypatch, crash_step=2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # incl. target network and prototypes
     logs = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]

@@ -142,13 +142,24 @@ def make_ucf101(root, rng, groups=3, clips=2, size=(120, 160), frames=64):
 # -----------------------------------------------------------------------------
 # Image classification tree: class = shape; colours and textures random
 
+def class_texture(rng, h, w, k, n_classes):
+    """A grating whose orientation belongs to class k (colours, phase and frequency jitter random): the class shows in
+    every crop of the object, so crop-invariant learning (MSN, CMAE) has something to find, while colour does not."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta, freq = np.pi * k / n_classes + rng.normal(0, 0.05), rng.uniform(0.5, 0.7)
+    pattern = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.uniform(0, 2 * np.pi))
+    c0, c1 = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
+    return c0 + pattern[..., None] * (c1 - c0)
+
+
 def render_shape_image(rng, kind, size=96):
+    """Class = shape AND the orientation of the object's stripes; background texture and all colours are random."""
     img = texture(rng, size, size)
-    r = rng.uniform(0.25, 0.4) * size
+    r = rng.uniform(0.3, 0.45) * size
     cx, cy = rng.uniform(r, size - r, 2)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     m = shape_mask(kind, xx - cx, yy - cy, r, rng.uniform(0, 6.28))
-    img[m] = texture(rng, size, size)[m]
+    img[m] = class_texture(rng, size, size, IMAGE_CLASSES.index(kind), len(IMAGE_CLASSES))[m]
     return (img * 255).round().astype(np.uint8)
 
 

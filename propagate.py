@@ -19,16 +19,13 @@ OUT/global_results-<set>.csv, OUT/per-sequence_results-<set>.csv (the toolkit's 
 `--ckpt` takes a checkpoint of siammae.py / msn.py / cmae.py, or any plain ViT in timm / DINO / MAE naming (the
 architecture is read off the tensor shapes), or one of the two baselines `random` and `pixels`.
 
-Checked against the originals (scratch copies, not part of this repo): davis2017-evaluation with scikit-image gives
-bit-identical per-frame J and F and byte-identical CSVs on the toy results; DINO's eval_video_segmentation.py, run on
-CPU with the same random ViT-S/16 on the toy DAVIS (--protocol dino --short-side 160), gives the same global J&F
-(0.566) with 55 of 60 PNGs bit-identical: the rest differ where float rounding (another summation order) flips a
-near-tied top-k choice, as two GPUs would.
-Measured 2026-11 on the 2-core AMD EPYC CPU (torch 2.14, CPU time of one thread, as other jobs shared the cores):
-propagation 0.42 s/frame at 30x52, queue 20, radius 20, top-k 7 (DINO's label_propagation: 1.39 s, plus 5.7 s
-per video to build its mask, ours 0.01 s); ViT-S/16 forward 1.3-1.4 s per 480x832 frame; back to pixels + PNG +
-frame reading 0.017 s/frame; J and F of one 480x854 object-frame 0.8 ms (the toolkit: 3.5-7.6 ms).
-`python propagate.py --bench` prints the wall-clock versions.
+Checked against the originals (scratch copies, not part of this repo), 2026-11-23 on a 2-core CPU: with a random
+ViT-T/16 saved as a DINO checkpoint, DINO's eval_video_segmentation.py (run on CPU) and `--protocol dino` write 60 of
+60 toy-DAVIS PNGs bit-identical at 480p, and davis2017-evaluation (scikit-image) gives the same J&F (0.884) and
+byte-identical CSVs. (At other sizes a near-tied top-k choice can flip with the summation order, as on two GPUs.)
+Speed on 2 idle cores (`python propagate.py --bench`): propagation 0.22 s/frame at 480p (grid 30x52, queue 20,
+radius 20, top-k 7; DINO's label_propagation ~0.7 s plus 5.7 s per video to build its mask, ours 0.01 s); the whole
+run = ViT-S/16 forward (0.73 s/frame) + 0.16 s/frame; J and F of one 480x854 object-frame 1.1 ms (toolkit 3.5-7.6 ms).
 """
 import argparse
 import csv

@@ -146,7 +146,9 @@ def class_texture(rng, h, w, k, n_classes):
     """A grating whose orientation belongs to class k (colours, phase and frequency jitter random): the class shows in
     every crop of the object, so crop-invariant learning (MSN, CMAE) has something to find, while colour does not."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    theta, freq = np.pi * k / n_classes + rng.normal(0, 0.05), rng.uniform(0.5, 0.7)
+    # orientations in [0, 90°): a horizontal flip (θ -> 180° − θ, every method's augmentation) never turns one class's
+    # stripes into another's
+    theta, freq = 0.5 * np.pi * k / n_classes + rng.normal(0, 0.03), rng.uniform(0.5, 0.7)
     pattern = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.uniform(0, 2 * np.pi))
     c0, c1 = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
     return c0 + pattern[..., None] * (c1 - c0)

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+VERSION = "2"  # bump when the generated content changes, so cached ./toy_data folders are remade
 UCF_CLASSES = ["BlobDrift", "CrossingShapes", "FastPan", "Occluders"]  # toy stand-ins for UCF101's 101 classes
 IMAGE_CLASSES = ["disc", "square", "triangle", "cross", "ring", "star"]
 DAVIS_SEQS = {  # name: (height, width, frames, objects, split); widths differ on purpose (real DAVIS does too)
@@ -228,6 +229,8 @@ def make_all(out, seed=0):
     make_ucf101(os.path.join(tmp, "ucf101"), np.random.default_rng([seed, 0]))
     make_images(os.path.join(tmp, "images"), np.random.default_rng([seed, 1]))
     make_davis(os.path.join(tmp, "DAVIS"), np.random.default_rng([seed, 2]))
+    with open(os.path.join(tmp, "VERSION"), "w") as f:
+        f.write(VERSION + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -236,7 +239,8 @@ def make_all(out, seed=0):
 def ensure_toy_data(out=None):
     """The trainers' default data: generated once into ./toy_data (or $TOYDATA) and reused afterwards."""
     out = out or os.environ.get("TOYDATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data"))
-    if not all(os.path.isdir(os.path.join(out, d)) for d in ("ucf101", "images", "DAVIS")):
+    stamp = os.path.join(out, "VERSION")
+    if not os.path.exists(stamp) or open(stamp).read().strip() != VERSION:  # missing, or made by an older toydata.py
         print(f"generating toy data in {out} (once) ...", flush=True)
         make_all(out)
     return out

@@ -292,7 +292,7 @@ def test_short_toy_run_lowers_the_loss(toy_videos, tmp_path):
 
 def test_bad_inputs_give_one_line_errors_and_exit_code_2(toy_videos, tmp_path, capsys):
     main = siammae.main
-    assert "does not exist" in bad_exit(capsys, main, TINY + ["--data", str(tmp_path / "nope")])
+    assert "does not exist" in bad_exit(capsys, main, TINY + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o0")])
     (tmp_path / "empty").mkdir()
     assert "holds no video files" in bad_exit(capsys, main, TINY + ["--data", str(tmp_path / "empty"),
                                                                     "--out", str(tmp_path / "o1")])
@@ -1002,7 +1002,8 @@ def test_knn_and_few_shot_on_a_hand_made_case():
 
 def test_cmae_bad_inputs_give_one_line_errors_and_exit_code_2(toy_images, tmp_path, capsys):
     main = cmae.main
-    assert "does not exist" in bad_exit(capsys, main, CMAE_TINY + ["--data", str(tmp_path / "nope")])
+    assert "does not exist" in bad_exit(capsys, main, CMAE_TINY + ["--data", str(tmp_path / "nope"),
+                                                              "--out", str(tmp_path / "o0")])
     (tmp_path / "empty" / "train").mkdir(parents=True)
     assert "holds no images" in bad_exit(capsys, main, CMAE_TINY + ["--data", str(tmp_path / "empty"),
                                                                "--out", str(tmp_path / "o1")])

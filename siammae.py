@@ -622,7 +622,7 @@ def reconstruction_figure(path, frames, pred, mask, p, rows=4):
     mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
     pred_pix = pred * (var + 1e-6) ** 0.5 + mean
     m = mask[..., None]  # (b, N, 1)
-    masked_f2 = unpatchify(target * (1 - m) + 0.0 * m, p, g, g)
+    masked_f2 = unpatchify(target * (1 - m), p, g, g)  # hidden patches at 0 = the dataset mean (grey)
     recon = unpatchify(pred_pix * m + target * (1 - m), p, g, g)
     grid = torch.stack([frames[:, 0], masked_f2, recon, frames[:, 1]], dim=1)  # (b, 4, 3, S, S)
     std, mu = torch.tensor(STD).view(3, 1, 1), torch.tensor(MEAN).view(3, 1, 1)

@@ -70,6 +70,15 @@ def crash_then_resume(module, args, tmp_path, monkeypatch, crash_step):
     return params_of(tmp_path / "a" / "checkpoint.pt"), params_of(tmp_path / "b" / "checkpoint.pt")
 
 
+def torchrun_two_gloo_processes(script, args):
+    """Runs `script args` as 2 DDP processes on CPU (gloo) through torchrun; asserts it finished as world 2."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "world 2" in run.stdout
+
+
 # =============================================================================
 # toydata.py
 
@@ -269,12 +278,8 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(toy_video
 def test_ddp_two_gloo_processes_match_one_process(toy_videos, tmp_path):
     common = TINY + ["--data", toy_videos, "--max-steps", "2", "--ckpt-every", "100"]
     siammae.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(HERE, "siammae.py"), *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "world 2" in run.stdout
+    torchrun_two_gloo_processes(os.path.join(HERE, "siammae.py"),
+                                common + ["--batch-size", "2", "--out", str(tmp_path / "two")])
     a, b = params_of(tmp_path / "one" / "checkpoint.pt"), params_of(tmp_path / "two" / "checkpoint.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
@@ -924,12 +929,7 @@ def test_cmae_ddp_two_gloo_processes_match_one_process(toy_images, tmp_path):
     script = tmp_path / "run_cmae.py"  # registers the test ViT in each torchrun process, then runs cmae.main
     script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport cmae\n"
                       f"cmae.VIT['vit_test'] = {TEST_VIT!r}\ncmae.main(sys.argv[1:])\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), *common, "--batch-size", "4", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "world 2" in run.stdout
+    torchrun_two_gloo_processes(str(script), common + ["--batch-size", "4", "--out", str(tmp_path / "two")])
     a, b = params_of(tmp_path / "one" / "checkpoint.pt"), params_of(tmp_path / "two" / "checkpoint.pt")
     assert a.keys() == b.keys()
     diff, noise = {}, {}
@@ -1221,12 +1221,8 @@ def test_msn_ddp_two_gloo_processes_match_one_process(msn_toy_images, tmp_path):
     common = MSN_TINY + ["--data", msn_toy_images, "--max-steps", "2", "--ckpt-every", "100", "--start-lr", "1e-4",
                          "--lr", "1e-4"]
     msn.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(HERE, "msn.py"), *common, "--batch-size", "4", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "world 2" in run.stdout
+    torchrun_two_gloo_processes(os.path.join(HERE, "msn.py"),
+                                common + ["--batch-size", "4", "--out", str(tmp_path / "two")])
     # the loss before any update: same images, BatchNorm statistics, p̄ and Sinkhorn sums span both ranks
     l1 = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
     l2 = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]

@@ -10,12 +10,20 @@ What it writes (the layouts the real datasets use):
     OUT/DAVIS/JPEGImages/480p/<seq>/00000.jpg                DAVIS-2017 frames
     OUT/DAVIS/Annotations/480p/<seq>/00000.png               indexed PNG, DAVIS palette, ids 1..K, 255 = void
     OUT/DAVIS/ImageSets/2017/{train,val}.txt                 sequence lists
+    OUT/JHMDB/Rename_Images/<class>/<video>/00001.png        JHMDB frames, 320 x 240 (needs scipy, else skipped)
+    OUT/JHMDB/joint_positions/<class>/<video>/joint_positions.mat   MATLAB file, pos_img 2 x 15 x T, 1-based pixels
+    OUT/JHMDB/splits/<class>_test_split1.txt                 "<video>.avi 1|2" lines, 2 = test
+    OUT/VIP/Images/<video>/000000000000.jpg                  VIP_Fine frames, 320 x 240
+    OUT/VIP/Annotations/Category_ids/<video>/<frame>.png     part ids 0-19 (greyscale PNG), every other frame
+    OUT/VIP/lists/{train,val}_videos.txt                     video lists
 
 Why the content looks like this: correspondence must be something a model has to LEARN, not read off a colour.
 Every scene is textured objects over a textured background; the camera pans; several objects move, occlude
 each other (fixed depth order) and may leave the frame. Colours are random per object, so an object is
 identified by its texture and shape, and image classes are told apart by shape, never by colour.
 The "480p" folder holds small frames (160 px high, like a downscaled DAVIS), which keeps CPU tests fast.
+JHMDB and VIP share one person: a textured stick figure in JHMDB's 15-joint order that walks and swings its limbs
+over a panning background; JHMDB keeps its joints, VIP its body parts painted with VIP's class ids.
 """
 import argparse
 import os
@@ -26,7 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-VERSION = "2"  # bump when the generated content changes, so cached ./toy_data folders are remade
+VERSION = "3"  # bump when the generated content changes, so cached ./toy_data folders are remade
 UCF_CLASSES = ["BlobDrift", "CrossingShapes", "FastPan", "Occluders"]  # toy stand-ins for UCF101's 101 classes
 IMAGE_CLASSES = ["disc", "square", "triangle", "cross", "ring", "star"]
 DAVIS_SEQS = {  # name: (height, width, frames, objects, split); widths differ on purpose (real DAVIS does too)
@@ -221,6 +229,124 @@ def make_davis(root, rng):
 
 
 # -----------------------------------------------------------------------------
+# JHMDB and VIP layouts: a walking stick figure. Joint order = JHMDB's (propagate.py JOINTS); (x, y) offsets from the
+# belly in units of the person's height; the person faces the camera, so its right side is on the image's left.
+
+PERSON = np.array([[0, -0.30], [0, 0], [0, -0.42], [-0.12, -0.28], [0.12, -0.28], [-0.08, 0.12], [0.08, 0.12],
+                   [-0.17, -0.12], [0.17, -0.12], [-0.09, 0.34], [0.09, 0.34], [-0.19, 0.04], [0.19, 0.04],
+                   [-0.10, 0.56], [0.10, 0.56]])  # neck belly head shoulders hips elbows knees wrists ankles (R, L)
+LIMBS = ((3, (7, 11), 1), (4, (8, 12), -1), (5, (9, 13), -1), (6, (10, 14), 1))  # (root, joints it swings, sign)
+PARTS = (  # (from joint, to joint, half width in heights, VIP class id), painted in this order: later is in front
+    (1, 5, 0.07, 8), (1, 6, 0.07, 8), (5, 9, 0.045, 8), (6, 10, 0.045, 8),  # pants: hips and thighs
+    (9, 13, 0.035, 16), (10, 14, 0.035, 17), (13, 13, 0.04, 18), (14, 14, 0.04, 19),  # right/left leg, shoes
+    (0, 1, 0.1, 4), (3, 4, 0.05, 4),  # upper-clothes: torso and shoulders
+    (3, 7, 0.035, 14), (7, 11, 0.03, 14), (4, 8, 0.035, 15), (8, 12, 0.03, 15),  # right-arm, left-arm
+    (0, 2, 0.03, 13), (2, 2, 0.085, 13),  # face: neck and head
+)
+JHMDB_CLASSES = ("toy_wave", "toy_walk", "toy_jump")  # toy stand-ins for JHMDB's 21 action classes
+
+
+def person_joints(rng, h, w, frames):
+    """(T, 15, 2) joint positions (x, y) in pixels: a person of random size drifting across the frame while its arms
+    and legs swing about the shoulders and hips."""
+    height = rng.uniform(0.6, 0.75) * h
+    direction = rng.choice([-1, 1])  # walks left or right, 0.4-0.5 of the frame width over the clip
+    start = np.array([(0.5 - direction * 0.22) * w, rng.uniform(0.45, 0.5) * h])
+    vel = np.array([direction * rng.uniform(0.4, 0.5) * w, rng.uniform(-0.04, 0.04) * h]) / frames
+    swing, freq, phase = rng.uniform(0.15, 0.35), rng.uniform(0.3, 0.6), rng.uniform(0, 2 * np.pi)
+    out = np.empty((frames, len(PERSON), 2))
+    for t in range(frames):
+        pts = PERSON * height
+        for root, kids, sign in LIMBS:  # rotate the limb about its root
+            a = sign * swing * np.sin(freq * t + phase)
+            rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+            pts[list(kids)] = (pts[list(kids)] - pts[root]) @ rot.T + pts[root]
+        out[t] = pts + start + vel * t
+    return out
+
+
+def segment_mask(xx, yy, a, b, r):
+    """Pixels within r of the segment a-b (a disc when a == b)."""
+    d = b - a
+    s = np.clip(((xx - a[0]) * d[0] + (yy - a[1]) * d[1]) / max(d @ d, 1e-9), 0, 1)
+    return (xx - a[0] - s * d[0]) ** 2 + (yy - a[1] - s * d[1]) ** 2 <= r * r
+
+
+def render_person(rng, h, w, frames):
+    """-> frames (T, h, w, 3) uint8 RGB, part ids (T, h, w) uint8 (VIP classes, 0 = background), joints (T, 15, 2)."""
+    joints = person_joints(rng, h, w, frames)
+    height = np.ptp(joints[0, :, 1]) / np.ptp(PERSON[:, 1])
+    pan = rng.uniform(-1.5, 1.5, 2)
+    margin = int(np.ceil(np.abs(pan).max() * frames)) + 2
+    bg = texture(rng, h + 2 * margin, w + 2 * margin)
+    skins = {c: texture(rng, h, w) for c in {p[3] for p in PARTS}}  # one texture per part, moving with the person
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    video, labels = np.empty((frames, h, w, 3), np.uint8), np.zeros((frames, h, w), np.uint8)
+    for t in range(frames):
+        oy, ox = (margin + pan[::-1] * t).round().astype(int)
+        img, lab = bg[oy:oy + h, ox:ox + w].copy(), np.zeros((h, w), np.uint8)
+        shift = (joints[t, 1] - joints[0, 1]).round().astype(int)  # the belly's drift: textures move with the body
+        ty, tx = (yy.astype(int) - shift[1]) % h, (xx.astype(int) - shift[0]) % w
+        for a, b, r, cls in PARTS:
+            m = segment_mask(xx, yy, joints[t, a], joints[t, b], r * height)
+            img[m], lab[m] = skins[cls][ty[m], tx[m]], cls
+        noise = rng.normal(0, 0.015, img.shape).astype(np.float32)
+        video[t], labels[t] = (np.clip(img + noise, 0, 1) * 255).round().astype(np.uint8), lab
+    return video, labels, joints
+
+
+def make_jhmdb(root, rng, size=(240, 320), frames=12):
+    """JHMDB layout, 3 classes x 2 videos: a 3-frame one in split 1's train set (1), one of `frames` in its test set
+    (2); joints in a real MATLAB file (scipy.io.savemat, pos_img 2 x 15 x T, 1-based pixels, as JHMDB's)."""
+    from scipy.io import savemat
+    os.makedirs(os.path.join(root, "splits"), exist_ok=True)
+    for cls in JHMDB_CLASSES:
+        lines = []
+        for k, (role, n) in enumerate(((1, 3), (2, frames))):
+            video_name = f"{cls}_person_{k}"
+            video, _, joints = render_person(rng, *size, n)
+            idir, jdir = (os.path.join(root, sub, cls, video_name) for sub in ("Rename_Images", "joint_positions"))
+            os.makedirs(idir, exist_ok=True)
+            os.makedirs(jdir, exist_ok=True)
+            for t, img in enumerate(video):
+                cv2.imwrite(os.path.join(idir, f"{t + 1:05d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            savemat(os.path.join(jdir, "joint_positions.mat"),
+                    {"pos_img": joints.transpose(2, 1, 0) + 1, "scale": np.ones((1, len(joints)))})
+            lines.append(f"{video_name}.avi {role}\n")
+        with open(os.path.join(root, "splits", f"{cls}_test_split1.txt"), "w") as f:
+            f.write("".join(lines))
+
+
+def make_vip(root, rng, size=(240, 320), frames=10):
+    """VIP_Fine layout: 3 val videos + 1 train video; part ids (greyscale PNG) on every other frame, the first too."""
+    lists = {"train": [], "val": []}
+    for k in range(4):
+        video_name, split = f"videos{k + 1}", "train" if k == 3 else "val"
+        video, labels, _ = render_person(rng, *size, frames)
+        idir, adir = (os.path.join(root, sub, video_name) for sub in ("Images", "Annotations/Category_ids"))
+        os.makedirs(idir, exist_ok=True)
+        os.makedirs(adir, exist_ok=True)
+        for t in range(frames):
+            cv2.imwrite(os.path.join(idir, f"{t:012d}.jpg"), cv2.cvtColor(video[t], cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if t % 2 == 0:
+                Image.fromarray(labels[t], mode="L").save(os.path.join(adir, f"{t:012d}.png"))
+        lists[split].append(video_name)
+    os.makedirs(os.path.join(root, "lists"), exist_ok=True)
+    for split, videos in lists.items():
+        with open(os.path.join(root, "lists", f"{split}_videos.txt"), "w") as f:
+            f.write("".join(v + "\n" for v in videos))
+
+
+def has_scipy():
+    try:
+        import scipy.io  # noqa: F401  (only toy JHMDB's .mat files need it)
+        return True
+    except ImportError:
+        return False
+
+
+# -----------------------------------------------------------------------------
 
 def make_all(out, seed=0):
     """Writes all toy datasets under `out` atomically (temp dir, then rename); returns `out`."""
@@ -229,18 +355,28 @@ def make_all(out, seed=0):
     make_ucf101(os.path.join(tmp, "ucf101"), np.random.default_rng([seed, 0]))
     make_images(os.path.join(tmp, "images"), np.random.default_rng([seed, 1]))
     make_davis(os.path.join(tmp, "DAVIS"), np.random.default_rng([seed, 2]))
+    if has_scipy():
+        make_jhmdb(os.path.join(tmp, "JHMDB"), np.random.default_rng([seed, 3]))
+    else:
+        print("toy JHMDB skipped: writing its joint_positions.mat needs scipy (pip install scipy)")
+    make_vip(os.path.join(tmp, "VIP"), np.random.default_rng([seed, 4]))
     with open(os.path.join(tmp, "VERSION"), "w") as f:
-        f.write(VERSION + "\n")
+        f.write(version_stamp() + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def version_stamp():
+    """VERSION, marked when toy JHMDB could not be written, so that installing scipy later remakes the folder."""
+    return VERSION if has_scipy() else VERSION + " (no JHMDB: no scipy)"
 
 
 def ensure_toy_data(out=None):
     """The trainers' default data: generated once into ./toy_data (or $TOYDATA) and reused afterwards."""
     out = out or os.environ.get("TOYDATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data"))
     stamp = os.path.join(out, "VERSION")
-    if not os.path.exists(stamp) or open(stamp).read().strip() != VERSION:  # missing, or made by an older toydata.py
+    if not os.path.exists(stamp) or open(stamp).read().strip() != version_stamp():  # missing, or made by an older one
         print(f"generating toy data in {out} (once) ...", flush=True)
         make_all(out)
     return out
@@ -254,4 +390,4 @@ if __name__ == "__main__":
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         sys.exit(f"error: {args.out} exists and is not a folder; pass a folder path")
     make_all(args.out, args.seed)
-    print(f"wrote toy UCF101, images and DAVIS to {args.out}")
+    print(f"wrote toy UCF101, images, DAVIS, JHMDB and VIP to {args.out}")

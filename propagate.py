@@ -1,21 +1,29 @@
 """
-DAVIS-2017 semi-supervised label propagation with a frozen ViT, scored exactly as the official toolkit scores it.
+Label propagation with a frozen ViT on the three benchmarks of SiamMAE's Table 1: DAVIS-2017 object masks (J&F,
+scored exactly as the official toolkit scores it), JHMDB pose keypoints (PCK) and VIP human parts (mIoU).
 
 The protocol is DINO's `eval_video_segmentation.py` (Caron et al. 2021, arXiv:2104.14294), which the SiamMAE paper
 (Gupta et al. 2023, arXiv:2305.14344, Table 4b) and the other ViT self-supervised papers report: the first-frame
 annotation is carried through the video by k-nearest-neighbour matching of patch features, with a FIFO queue of past
-predictions as extra context. The metric is `davis2017-evaluation` (J region similarity, F boundary measure, their
+predictions as extra context. The DAVIS metric is `davis2017-evaluation` (J region similarity, F boundary measure, their
 Mean / Recall / Decay), re-implemented with numpy + OpenCV so that it prints the same numbers to the last decimal.
+JHMDB and VIP go through the same propagation; what they label and how they are scored follows the CRW line
+(ajabri/videowalk `code/data/jhmdb.py`, `code/eval/eval_pck.py`, `code/eval/eval_vip.py`; Liusifei/UVC; xvjiarui/VFS):
+15 joints as Gaussian heatmaps, PCK relative to the person's box; 20 part classes, mIoU over the annotated frames.
 
     python propagate.py --ckpt random                        # toy DAVIS (generated once), untrained ViT-S/16
     python propagate.py --ckpt pixels                        # toy DAVIS, raw colour patches as features
     python propagate.py --ckpt out/siammae/checkpoint.pt --davis DAVIS/   # DAVIS-2017 val, SiamMAE Table 4b
     python propagate.py --ckpt dino_deitsmall16_pretrain.pth --davis DAVIS/ --protocol dino   # DINO's own run
-    python propagate.py --eval-only --results DIR --davis DAVIS/   # score any results folder, no model
+    python propagate.py --task jhmdb --ckpt ... --jhmdb JHMDB/   # split-1 test videos, PCK@0.1 / 0.2 (needs scipy)
+    python propagate.py --task vip --ckpt ... --vip VIP_Fine/    # the 50 val videos, mIoU over 20 classes
+    python propagate.py --eval-only --results DIR --davis DAVIS/   # score any DAVIS results folder, no model
     python propagate.py --bench                              # timings without data
 
-Results land in OUT/<seq>/<frame>.png (indexed, DAVIS palette, original size: what the toolkit reads) and
-OUT/global_results-<set>.csv, OUT/per-sequence_results-<set>.csv (the toolkit's columns and format).
+DAVIS results land in OUT/<seq>/<frame>.png (indexed, DAVIS palette, original size: what the toolkit reads) and
+OUT/global_results-<set>.csv, OUT/per-sequence_results-<set>.csv (the toolkit's columns and format); JHMDB in
+OUT/<class>/<video>.csv (predicted keypoints, pixels) with OUT/pck.csv and OUT/per-video_pck.csv; VIP in
+OUT/<video>/<frame>.png with OUT/miou.csv and OUT/per-video_miou.csv. Without a data root each task runs on its toy set.
 `--ckpt` takes a checkpoint of siammae.py / msn.py / cmae.py, or any plain ViT in timm / DINO / MAE naming (the
 architecture is read off the tensor shapes), or one of the two baselines `random` and `pixels`.
 
@@ -54,17 +62,24 @@ from PIL import Image
 
 @dataclass
 class Config:
+    task: str = "davis"  # davis (object masks, J&F) | jhmdb (15 pose keypoints, PCK) | vip (20 human parts, mIoU)
     ckpt: str = ""  # checkpoint path, or `random` (untrained ViT of --model) or `pixels` (raw RGB patches)
     davis: str = ""  # DAVIS-2017 root (JPEGImages/, Annotations/, ImageSets/); empty = toy DAVIS from toydata.py
     set: str = "val"  # which ImageSets/2017/<set>.txt to run; the published tables use val (30 videos, 59 objects)
-    out: str = ""  # results folder; empty = out/davis/<ckpt name>-<protocol>
+    jhmdb: str = ""  # JHMDB root (Rename_Images/, joint_positions/, splits/); empty = toy JHMDB from toydata.py
+    jhmdb_split: str = ""  # dir of <class>_test_split1.txt ("<v>.avi 2" = test) or list of <class>/<v>; empty: splits/
+    vip: str = ""  # VIP_Fine root (Images/, Annotations/Category_ids/, lists/); empty = toy VIP from toydata.py
+    vip_list: str = ""  # videos, one name a line; empty = <vip>/lists/val_videos.txt (the 50 val videos)
+    out: str = ""  # results folder; empty = out/<task>/<ckpt name>-<protocol>
     eval_only: bool = False  # only score an existing results folder (--results) against --davis
     results: str = ""  # the results folder for --eval-only: <results>/<seq>/<frame>.png
-    protocol: str = "siammae"  # preset of the knobs below: siammae (Table 4b) | dino (eval_video_segmentation.py)
+    protocol: str = "siammae"  # knob preset: siammae (Table 4b, per task) | dino (eval_video_segmentation.py, DAVIS)
     topk: int = 7  # labels come from the k most similar source patches (SiamMAE Table 4b: 7; DINO script: 5)
     queue: int = 20  # past predicted frames kept as context besides frame 0 (SiamMAE: 20; DINO: 7)
     radius: int = 20  # square window |Δrow|,|Δcol| <= r on the patch grid; 0 = whole frame (SiamMAE 20; DINO 12)
     temperature: float = 0.1  # affinity exp(<f_t, f_s> / τ) (DINO's 0.1; SiamMAE does not state it)
+    sigma: float = 0.5  # JHMDB: σ of each joint's Gaussian heatmap, in feature cells (CRW / UVC: 0.5)
+    keypoint_topk: int = 3  # JHMDB: keypoint = value-weighted mean of its heatmap's top k cells (CRW: 3; 1 = argmax)
     short_side: int = 480  # frames resized so the short side is this (DINO: 480, the "480p" of DAVIS)
     size_multiple: int = 64  # the long side is floored to a multiple of this (DINO: 64, so 854 -> 832)
     model: str = "vit_small"  # architecture of `random`; for a checkpoint it is read from the shapes
@@ -75,16 +90,25 @@ class Config:
     batch: int = 8  # frames per forward pass (features are batched over frames; memory grows with it)
     precision: str = "bf16"  # bf16 autocast for the forward pass on CUDA (CPU: fp32); fp32 = what DINO's script ran
     device: str = "auto"  # auto = cuda if available else cpu
-    overlay: bool = False  # also write OUT/overlays/<seq>.png (strip) and .mp4 with the masks blended in colour
+    overlay: bool = False  # also write OUT/overlays/<video>.png (strip) and .mp4: masks blended, JHMDB skeletons drawn
     bench: bool = False  # time propagation, the ViT-S/16 forward pass and the metric at 480p, without data
 
 
-PROTOCOLS = {  # --protocol presets, applied before explicit flags
-    "siammae": dict(topk=7, queue=20, radius=20, temperature=0.1),  # SiamMAE Table 4b (DAVIS row)
+PROTOCOLS = {  # (--task, --protocol) presets, applied before explicit flags
+    ("davis", "siammae"): dict(topk=7, queue=20, radius=20, temperature=0.1),  # SiamMAE Table 4b (DAVIS row)
     # DINO's script defaults; its features are fp32 (no autocast), so fp32 here makes the run the same computation
-    "dino": dict(topk=5, queue=7, radius=12, temperature=0.1, precision="fp32"),
+    ("davis", "dino"): dict(topk=5, queue=7, radius=12, temperature=0.1, precision="fp32"),
+    # SiamMAE Table 4b (JHMDB row). Frame size is not stated; the CRW line feeds 320 x 320 (its --cropSize), which
+    # squashes JHMDB's 320 x 240; short side 320 keeps the aspect ratio (x16, not x64: 427 -> 416, not 384)
+    ("jhmdb", "siammae"): dict(topk=7, queue=20, radius=20, temperature=0.1, short_side=320, size_multiple=16),
+    # SiamMAE Table 4b (VIP row). Frame size is not stated; UVC's VIP command resizes to 560 x 560 (--scale_size)
+    ("vip", "siammae"): dict(topk=10, queue=20, radius=8, temperature=0.1, short_side=560, size_multiple=64),
 }
-TOY = dict(short_side=160, size_multiple=16)  # toy DAVIS frames are 160 px high: keep them native, no upscaling
+TOY = {  # no data root: the toy set's frames stay at their native size, no upscaling
+    "davis": dict(short_side=160, size_multiple=16),  # toy DAVIS frames are 160 px high
+    "jhmdb": dict(short_side=240, size_multiple=16),  # toy JHMDB frames are 320 x 240, as JHMDB's
+    "vip": dict(short_side=240, size_multiple=16),  # toy VIP frames are 320 x 240
+}
 
 
 def parse_config(argv):
@@ -101,12 +125,14 @@ def parse_config(argv):
                             help=f"{note} [{f.default!r}]")
     given = vars(ap.parse_args(argv))
     cfg = Config()
-    protocol = given.get("protocol", cfg.protocol)
-    if protocol not in PROTOCOLS:
-        die(f"unknown --protocol {protocol}; use one of {', '.join(PROTOCOLS)}")
-    preset = dict(PROTOCOLS[protocol])
-    if not given.get("davis") and not given.get("bench"):
-        preset.update(TOY)
+    task, protocol = given.get("task", cfg.task), given.get("protocol", cfg.protocol)
+    if task not in TOY:
+        die(f"unknown --task {task}; use one of {', '.join(TOY)}")
+    if (task, protocol) not in PROTOCOLS:
+        die(f"no --protocol {protocol} for --task {task}; use one of {', '.join(p for t, p in PROTOCOLS if t == task)}")
+    preset = dict(PROTOCOLS[task, protocol])
+    if not given.get(task) and not given.get("bench"):  # no --davis / --jhmdb / --vip: the toy set of the task
+        preset.update(TOY[task])
     for k, v in preset.items():
         setattr(cfg, k, v)
     for k, v in given.items():
@@ -502,17 +528,17 @@ def blend(bgr, ids, alpha=0.5):
 
 
 class Overlay:
-    """--overlay pictures of one sequence: every frame blended into <dir>/<seq>.mp4, six of them side by side in
+    """--overlay pictures of one sequence: every frame's picture into <dir>/<seq>.mp4, six of them side by side in
     <dir>/<seq>.png (240 px high), so a person can see where the propagation fails."""
 
     def __init__(self, folder, seq, n_frames, H, W):
         self.png = os.path.join(folder, seq + ".png")
+        os.makedirs(os.path.dirname(self.png), exist_ok=True)  # JHMDB names are <class>/<video>
         self.video = cv2.VideoWriter(os.path.join(folder, seq + ".mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
         self.at = set(np.linspace(0, n_frames - 1, min(6, n_frames)).round().astype(int).tolist())
         self.strip, self.size = [], (round(W * 240 / H), 240)
 
-    def add(self, t, bgr, ids):
-        pic = blend(bgr, np.where(ids == 255, 0, ids))
+    def add(self, t, pic):
         self.video.write(pic)
         if t in self.at:
             self.strip.append(cv2.resize(pic, self.size, interpolation=cv2.INTER_AREA))
@@ -523,40 +549,45 @@ class Overlay:
         os.replace(self.png[:-4] + ".tmp.png", self.png)
 
 
-def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, overlay_dir=None):
-    """REFERENCE §4 for one video, streamed in chunks of --batch frames: memory holds the 1 + queue context frames
-    and one chunk, whatever the video length. Writes <seq_dir>/<frame>.png for every frame; returns the grid."""
-    first = cv2.imread(frames[0])
+def frame_geometry(path, cfg, patch_size):
+    """A video's sizes, read off its first frame: original (H, W), protocol size (th, tw) and patch grid (h, w)."""
+    first = cv2.imread(path)
     if first is None:
-        die(f"cannot read frame {frames[0]}; re-extract JPEGImages")
+        die(f"cannot read frame {path}; re-extract the video's frames")
     H, W = first.shape[:2]
     size = protocol_size(H, W, cfg.short_side, cfg.size_multiple)  # (th, tw) fed to the encoder
-    p = encoder.patch_size
-    h, w = size[0] // p, size[1] // p
-    ann, onehot = first_label(ann_path, (h, w))  # original annotation, (h, w, C)
-    os.makedirs(seq_dir, exist_ok=True)
-    save_indexed_png(os.path.join(seq_dir, os.path.basename(frames[0])[:-4] + ".png"), ann)  # frame 0 = given
+    return (H, W), size, (size[0] // patch_size, size[1] // patch_size)
+
+
+def propagate_frames(encoder, frames, first, size, cfg, device, amp):
+    """REFERENCE §4.3-§4.9 for one video, the loop all three tasks share: the task gives frame 0's label `first`
+    (h, w, C) on the patch grid (DAVIS / VIP one-hot masks, JHMDB joint heatmaps) and gets back, frame by frame,
+    (t, original BGR frame, soft label (C, h, w)), with None as frame 0's soft label (its label is the given one).
+    Streamed in chunks of --batch frames: memory holds the 1 + queue context frames and one chunk, whatever the video
+    length."""
+    h, w = size[0] // encoder.patch_size, size[1] // encoder.patch_size
     bands = neighbourhood_bands(h, w, cfg.radius, device)
     ctx_feats = ctx_labels = None  # (w, 1 + queue, h, ·): slot 0 = frame 0, slots 1.. a ring of the last predictions
-    overlay = Overlay(overlay_dir, os.path.basename(seq_dir), len(frames), H, W) if overlay_dir else None
     for start in range(0, len(frames), cfg.batch):
         chunk = frames[start:start + cfg.batch]
         pairs = [read_frame(f, size) for f in chunk]
+        if start == 0:
+            H, W = pairs[0][1].shape[:2]  # every frame must have the first one's size
         for f, (_, bgr) in zip(chunk, pairs):
             if bgr.shape[:2] != (H, W):
-                die(f"{f} is {bgr.shape[1]}x{bgr.shape[0]}, the sequence's first frame {W}x{H}; fix the frames")
+                die(f"{f} is {bgr.shape[1]}x{bgr.shape[0]}, the video's first frame {W}x{H}; fix the frames")
         x = torch.stack([t for t, _ in pairs]).to(device)  # (B, 3, th, tw)
         with amp:
             feats = encoder.features(x).float()  # (B, h, w, D)
         feats = F.normalize(feats, dim=-1).transpose(1, 2)  # unit length (§4.3), transposed: (B, w, h, D)
-        for b, path in enumerate(chunk):
+        for b in range(len(chunk)):
             t = start + b
             if t == 0:
                 S = 1 + cfg.queue
                 ctx_feats = feats.new_zeros(w, S, h, feats.shape[-1])
-                ctx_labels = feats.new_zeros(w, S, h, onehot.shape[-1])
-                ctx_feats[:, 0], ctx_labels[:, 0] = feats[0], onehot.transpose(0, 1).to(device)
-                ids = ann
+                ctx_labels = feats.new_zeros(w, S, h, first.shape[-1])
+                ctx_feats[:, 0], ctx_labels[:, 0] = feats[0], first.transpose(0, 1).to(device)
+                soft = None
             else:
                 n_ctx = 1 + min(t - 1, cfg.queue)  # frame 0 + the predictions so far, at most `queue` of them (§4.5)
                 soft = propagate_step(feats[b].contiguous(), ctx_feats[:, :n_ctx], ctx_labels[:, :n_ctx], bands,
@@ -564,13 +595,29 @@ def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, ove
                 if cfg.queue > 0:  # the soft label (before argmax) joins the context, evicts the oldest (§4.5, §4.9)
                     slot = 1 + (t - 1) % cfg.queue  # the order of context frames does not matter: top-k is over a set
                     ctx_feats[:, slot], ctx_labels[:, slot] = feats[b], soft
-                ids = labels_to_pixels(soft.permute(2, 1, 0), p, (H, W))  # (C, h, w) -> (H, W) uint8
-                save_indexed_png(os.path.join(seq_dir, os.path.basename(path)[:-4] + ".png"), ids)
-            if overlay:
-                overlay.add(t, pairs[b][1], ids)
+                soft = soft.permute(2, 1, 0)  # (C, h, w)
+            yield t, pairs[b][1], soft
+
+
+def frame_name(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def propagate_sequence(encoder, frames, ann_path, seq_dir, cfg, device, amp, overlay_dir=None):
+    """DAVIS and VIP: the first annotation's one-hot propagated, each soft label turned into ids (§4.10); writes
+    <seq_dir>/<frame>.png for every frame (frame 0 = the given annotation, §4.11); returns the patch grid."""
+    (H, W), size, grid = frame_geometry(frames[0], cfg, encoder.patch_size)
+    ann, onehot = first_label(ann_path, grid)  # original annotation, (h, w, C)
+    os.makedirs(seq_dir, exist_ok=True)
+    overlay = Overlay(overlay_dir, os.path.basename(seq_dir), len(frames), H, W) if overlay_dir else None
+    for t, bgr, soft in propagate_frames(encoder, frames, onehot, size, cfg, device, amp):
+        ids = ann if soft is None else labels_to_pixels(soft, encoder.patch_size, (H, W))  # (H, W) uint8
+        save_indexed_png(os.path.join(seq_dir, frame_name(frames[t]) + ".png"), ids)
+        if overlay:
+            overlay.add(t, blend(bgr, np.where(ids == 255, 0, ids)))
     if overlay:
         overlay.close()
-    return h, w
+    return grid
 
 
 # -----------------------------------------------------------------------------
@@ -708,11 +755,16 @@ def write_csvs(folder, subset, rows):
               f"per-sequence_results-{subset}.csv": [["Sequence", "J-Mean", "F-Mean"]] +
               [[r[0], fmt(r[1]), fmt(r[4])] for r in rows]}
     for name, table in tables.items():
-        path = os.path.join(folder, name)
-        with open(path + ".tmp", "w", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerows(table)
-        os.replace(path + ".tmp", path)
+        write_csv(os.path.join(folder, name), table)
     return [os.path.join(folder, n) for n in tables]
+
+
+def write_csv(path, table):
+    """Rows of fields to `path`, written under a temp name then renamed: a CSV is never half-written."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(table)
+    os.replace(path + ".tmp", path)
 
 
 def format_table(rows):
@@ -733,6 +785,304 @@ def evaluate_folder(root, results, seqs, subset):
     print(f"--- global results for {subset} ({len(rows)} objects, {time.time() - t0:.1f} s) ---")
     print(format_table(rows))
     return rows
+
+
+# -----------------------------------------------------------------------------
+# JHMDB: 15 pose keypoints propagated as heatmaps, scored by PCK (REFERENCE §6). Sources of the protocol, the CRW line:
+# ajabri/videowalk code/data/jhmdb.py (heatmaps) + code/utils/test_utils.py `process_pose` (decoding) +
+# code/eval/eval_pck.py (PCK), the same eval_pck.py in Liusifei/UVC (branch jhmdb), xvjiarui/VFS jhmdb_dataset.py.
+# J joints, T frames, N scored frames
+
+JOINTS = ("neck", "belly", "head", "right_shoulder", "left_shoulder", "right_hip", "left_hip", "right_elbow",
+          "left_elbow", "right_knee", "left_knee", "right_wrist", "left_wrist", "right_ankle", "left_ankle")  # JHMDB
+BONES = ((0, 1), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1), (7, 3), (8, 4), (9, 5), (10, 6), (11, 7), (12, 8), (13, 9),
+         (14, 10))  # (joint, parent): the skeleton CRW's `vis_pose` draws
+PCK_ALPHAS = (0.1, 0.2)  # SiamMAE Table 1 reports PCK@0.1 and PCK@0.2 (CRW's script prints 0.1 .. 0.5)
+
+
+def read_joint_positions(path):
+    """JHMDB joint_positions.mat -> (T, J, 2) float64 keypoints (x, y) in 0-based pixels. Its field `pos_img` is
+    2 x 15 x T in MATLAB's 1-based pixels; CRW, UVC and VFS all subtract 1 (VFS: "magic -1")."""
+    try:  # the one use of scipy in this repo: JHMDB ships its joints as MATLAB files (README, requirements.txt)
+        from scipy.io import loadmat
+    except ImportError:
+        die("reading JHMDB's joint_positions.mat needs scipy (scipy.io.loadmat): pip install scipy")
+    try:
+        pos = loadmat(path).get("pos_img")
+    except Exception as e:  # scipy raises ValueError, TypeError, OSError ... on what is not a MATLAB file
+        die(f"cannot read {path} as a MATLAB file ({type(e).__name__}); re-extract joint_positions/")
+    if (pos is None or not np.issubdtype(pos.dtype, np.number) or pos.ndim != 3 or pos.shape[:2] != (2, len(JOINTS))
+            or pos.shape[2] == 0 or not np.isfinite(pos).all()):
+        die(f"{path} has no finite pos_img of shape 2 x {len(JOINTS)} x frames; re-extract joint_positions/")
+    return pos.transpose(2, 1, 0).astype(np.float64) - 1  # (2, J, T) -> (T, J, 2)
+
+
+def jhmdb_videos(split):
+    """The videos to run, as <class>/<video>: from a folder of JHMDB's split files (<class>_test_split1.txt, one line
+    "<video>.avi 1|2" a video, 2 = test: 268 videos in split 1), or from a list file, one video a line given as
+    <class>/<video> or as the first field of a CRW / UVC test list (an image folder or a joint_positions.mat)."""
+    if os.path.isdir(split):
+        files = sorted(glob.glob(os.path.join(split, "*_test_split1.txt")))
+        if not files:
+            die(f"no <class>_test_split1.txt in {split}; pass JHMDB's split folder or a list file with --jhmdb-split")
+        videos = []
+        for path in files:
+            cls = os.path.basename(path)[:-len("_test_split1.txt")]
+            for line in filter(str.strip, open(path)):
+                fields = line.split()
+                if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+                    die(f"{path}: line '{line.strip()}' is not '<video>.avi 1|2'; restore JHMDB's split files")
+                if fields[1] == "2":
+                    videos.append(f"{cls}/{os.path.splitext(fields[0])[0]}")
+        return videos
+    if not os.path.isfile(split):
+        die(f"JHMDB split {split} not found; pass --jhmdb-split (a folder of split files or a list of <class>/<video>)")
+    firsts = [line.split()[0] for line in filter(str.strip, open(split))]
+    folders = [os.path.dirname(f) if f.endswith(".mat") else f for f in firsts]  # .../<class>/<video>[/x.mat]
+    return ["/".join(f.rstrip("/").split("/")[-2:]) for f in folders]
+
+
+def list_jhmdb(root, split):
+    """Checks the JHMDB layout and reads every video's joints up front (nothing is written before this passes)
+    -> [(<class>/<video>, [frame paths], joints (T, J, 2))]."""
+    for sub in ("Rename_Images", "joint_positions"):
+        if not os.path.isdir(os.path.join(root, sub)):
+            die(f"{root} has no {sub}/ folder; pass the JHMDB root with --jhmdb")
+    split = split or os.path.join(root, "splits")
+    out = []
+    for video in jhmdb_videos(split):
+        frames = sorted(glob.glob(os.path.join(root, "Rename_Images", video, "*.png")))
+        if not frames:
+            die(f"no frames in {root}/Rename_Images/{video}/; fix the folder or the split list {split}")
+        mat = os.path.join(root, "joint_positions", video, "joint_positions.mat")
+        if not os.path.isfile(mat):
+            die(f"video {video} has no {mat}; keypoint propagation starts from its first frame's joints")
+        out.append((video, frames, read_joint_positions(mat)))
+    if not out:
+        die(f"{split} lists no test video; pass JHMDB's split folder or a list file with --jhmdb-split")
+    return out
+
+
+def cell_scale(frame_hw, size, patch_size):
+    """Patch cells per original pixel along (x, y): the grid tiles the resized frame, p resized pixels a cell. Pixel
+    and cell centres map onto each other, u = (x + 0.5) · scale − 0.5 (CRW maps x to x / stride, onto cell corners)."""
+    (H, W), (th, tw) = frame_hw, size
+    return np.array([tw / (patch_size * W), th / (patch_size * H)])
+
+
+def keypoint_heatmaps(xy, frame_hw, size, patch_size, sigma):
+    """The label JHMDB propagates (CRW `JhmdbSet`, sigma 0.5 cells): keypoints (J, 2) in pixels -> (h, w, J)
+    Gaussians exp(−d² / 2σ²), d in cells from the keypoint (CRW rounds the centre to a cell), cut to 0 beyond 3σ along
+    either axis (CRW's (6σ + 1)² window), so a joint outside the frame gives an empty map. No background channel: each
+    joint is propagated on its own (CRW's extra background channel only serves its pictures)."""
+    h, w = size[0] // patch_size, size[1] // patch_size
+    uv = torch.from_numpy((xy + 0.5) * cell_scale(frame_hw, size, patch_size) - 0.5).float()  # (J, 2) column, row
+    du = torch.arange(w).view(1, w, 1) - uv[:, 0]  # (1, w, J)
+    dv = torch.arange(h).view(h, 1, 1) - uv[:, 1]  # (h, 1, J)
+    gauss = torch.exp(-(du ** 2 + dv ** 2) / (2 * sigma ** 2))  # (h, w, J)
+    return gauss * ((du.abs() <= 3 * sigma) & (dv.abs() <= 3 * sigma))
+
+
+def heatmap_keypoints(soft, k, frame_hw, size, patch_size):
+    """Propagated heatmaps (J, h, w) -> keypoints (J, 2) in original pixels: each map's k highest cells averaged with
+    their values as weights (CRW `process_pose`, k = 3; k = 1 is the argmax). An all-zero map gives NaN (CRW: -1,
+    and the joint is left out of the person box and of the score)."""
+    J, h, w = soft.shape
+    vals, ids = soft.reshape(J, h * w).topk(min(k, h * w), dim=1)  # (J, k)
+    weights = vals / vals.sum(dim=1, keepdim=True)  # 0 / 0 = NaN for an empty map
+    cells = torch.stack([ids % w, ids // w], dim=-1).to(soft.dtype)  # (column, row) of each: (J, k, 2)
+    uv = (weights.unsqueeze(-1) * cells).sum(dim=1).double().cpu().numpy()  # (J, 2)
+    return (uv + 0.5) / cell_scale(frame_hw, size, patch_size) - 0.5
+
+
+def draw_skeleton(bgr, xy):
+    """--overlay picture of a JHMDB frame: bones as lines, joints as dots, each in its joint's palette colour."""
+    pic, found = bgr.copy(), np.isfinite(xy).all(axis=1)
+    pts = [tuple(p) for p in np.where(found[:, None], xy, 0).round().astype(int).tolist()]
+    for j, parent in BONES:
+        if found[j] and found[parent]:
+            cv2.line(pic, pts[j], pts[parent], PALETTE[j + 1][::-1].tolist(), 2, cv2.LINE_AA)
+    for j in np.flatnonzero(found):
+        cv2.circle(pic, pts[j], 3, PALETTE[j + 1][::-1].tolist(), -1, cv2.LINE_AA)
+    return pic
+
+
+def propagate_keypoints(encoder, frames, joints, cfg, device, amp, overlay_dir=None, name=""):
+    """JHMDB, one video: the first frame's joints as heatmaps through the shared loop, each soft heatmap back to
+    keypoints -> (T, J, 2) pixels. Frame 1's are the given ones (NaN where its heatmap is empty: nothing to carry)."""
+    (H, W), size, _ = frame_geometry(frames[0], cfg, encoder.patch_size)
+    heat = keypoint_heatmaps(joints[0], (H, W), size, encoder.patch_size, cfg.sigma)  # (h, w, J)
+    pred = np.full((len(frames), len(JOINTS), 2), np.nan)
+    overlay = Overlay(overlay_dir, name, len(frames), H, W) if overlay_dir else None
+    for t, bgr, soft in propagate_frames(encoder, frames, heat, size, cfg, device, amp):
+        if soft is None:
+            pred[0] = np.where(heat.sum(dim=(0, 1)).numpy()[:, None] > 0, joints[0], np.nan)
+        else:
+            pred[t] = heatmap_keypoints(soft, cfg.keypoint_topk, (H, W), size, encoder.patch_size)
+        if overlay:
+            overlay.add(t, draw_skeleton(bgr, pred[t]))
+    if overlay:
+        overlay.close()
+    return pred
+
+
+def normalized_distances(pred, gt):
+    """CRW `eval_pck.py`: each keypoint's distance to the ground truth over the person's size in that frame, 0.6 × the
+    diagonal of the box around the frame's ground-truth joints (CRW, UVC and VFS alike; CRW's max(box h, w) is
+    commented out). Joints without a prediction (NaN) stay out of the box and the score, as CRW's `jnt_visible`; a box
+    of size 0 (one joint left) scores nothing (CRW would divide by 0). pred, gt (N, J, 2) -> (N, J), NaN = unscored."""
+    found = np.isfinite(pred).all(axis=-1)  # (N, J)
+    lo = np.where(found[..., None], gt, np.inf).min(axis=1)  # (N, 2)
+    hi = np.where(found[..., None], gt, -np.inf).max(axis=1)
+    person = 0.6 * np.linalg.norm(hi - lo, axis=-1)[:, None]  # (N, 1); NaN where no joint is found
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(found & (person > 0), np.linalg.norm(pred - gt, axis=-1) / person, np.nan)
+
+
+def pck(dist, alpha):
+    """PCK@α in %: per joint, the share of its scored frames with normalized distance <= α (CRW: `<=`); the mean is
+    over the joints' values (CRW `computePCK`; the pooled count is commented out there). dist (N, J) -> (J,), mean."""
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # a joint never scored is NaN, skipped by the mean
+        per_joint = 100.0 * (dist <= alpha).sum(axis=0) / np.isfinite(dist).sum(axis=0)
+        return per_joint, np.nanmean(per_joint)
+
+
+def write_keypoints(path, frames, pred):
+    """<out>/<class>/<video>.csv: a row per frame, x and y of each joint in original 0-based pixels; empty = lost."""
+    header = ["frame"] + [f"{j}_{c}" for j in JOINTS for c in "xy"]
+    write_csv(path, [header] + [[frame_name(f)] + [fmt(v) for v in xy.reshape(-1)] for f, xy in zip(frames, pred)])
+
+
+def run_jhmdb(videos, encoder, out, cfg, device, amp, overlay_dir):
+    """Propagates and scores every video: frames 2.. against their ground truth (frame 1 is given: CRW and UVC skip
+    k == 0). Writes <class>/<video>.csv, pck.csv (per joint and mean) and per-video_pck.csv, in %; returns the means."""
+    dists, rows, t_all = [], [], time.time()
+    for i, (name, frames, joints) in enumerate(videos):
+        t0 = time.time()
+        with torch.inference_mode():
+            pred = propagate_keypoints(encoder, frames, joints, cfg, device, amp, overlay_dir, name)
+        write_keypoints(os.path.join(out, name + ".csv"), frames, pred)
+        n = min(len(frames), len(joints))  # frames beyond the ground truth's are not scored (VFS truncates so)
+        dists.append(normalized_distances(pred[1:n], joints[1:n]))
+        rows.append([name] + [pck(dists[-1], a)[1] for a in PCK_ALPHAS])
+        so_far = [pck(np.concatenate(dists), a)[1] for a in PCK_ALPHAS]
+        print(f"[{i + 1}/{len(videos)}] {name}: {len(frames)} frames | {len(frames) / (time.time() - t0):.1f} frames/s"
+              f" | PCK@0.1 {rows[-1][1]:.1f}, @0.2 {rows[-1][2]:.1f} | so far {so_far[0]:.1f}, {so_far[1]:.1f}",
+              flush=True)
+    dist = np.concatenate(dists)  # (N, J): every scored frame of every video
+    table = {a: pck(dist, a) for a in PCK_ALPHAS}
+    header = [f"PCK@{a} (%)" for a in PCK_ALPHAS]
+    write_csv(os.path.join(out, "pck.csv"), [["joint"] + header] +
+              [[j] + [fmt(table[a][0][k]) for a in PCK_ALPHAS] for k, j in enumerate(JOINTS)] +
+              [["mean"] + [fmt(table[a][1]) for a in PCK_ALPHAS]])
+    write_csv(os.path.join(out, "per-video_pck.csv"), [["video"] + header] + [[r[0], *map(fmt, r[1:])] for r in rows])
+    print(f"propagated {len(videos)} videos in {time.time() - t_all:.1f} s; wrote {out}/pck.csv, per-video_pck.csv")
+    print(f"--- PCK (%) over {len(dist)} frames of {len(videos)} videos ---")
+    print(f"{'joint':>15} " + " ".join(f"{h:>12}" for h in header))
+    for k, j in enumerate(JOINTS):
+        print(f"{j:>15} " + " ".join(f"{fmt(table[a][0][k]):>12}" for a in PCK_ALPHAS))
+    print(f"{'mean':>15} " + " ".join(f"{fmt(table[a][1]):>12}" for a in PCK_ALPHAS))
+    return {f"PCK@{a}": table[a][1] for a in PCK_ALPHAS} | {"per_joint": {a: table[a][0] for a in PCK_ALPHAS}}
+
+
+# -----------------------------------------------------------------------------
+# VIP: 20 human-part classes propagated like DAVIS masks, scored by mIoU (REFERENCE §6). Sources: ajabri/videowalk
+# code/eval/eval_vip.py (= UVC eval_vip.py, from TimeCycle), UVC test_mask_vip.py (layout, list), xvjiarui/VFS
+# vip_dataset.py; HCPLab-SYSU/ATEN issue #3: only the annotated frames are scored.
+
+VIP_CLASSES = ("background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks", "pants", "gloves",
+               "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg", "right-shoe",
+               "left-shoe")  # ids 0..19 as in CRW's eval_vip.py; 255 = not labelled
+
+
+def vip_annotation(root, video, frame):
+    return os.path.join(root, "Annotations", "Category_ids", video, frame_name(frame) + ".png")
+
+
+def list_vip(root, listing):
+    """Checks the VIP layout up front -> [(video, [frame paths])]: Images/<video>/*.jpg, and each video's first frame
+    annotated in Annotations/Category_ids/<video>/ with ids below 20."""
+    for sub in ("Images", os.path.join("Annotations", "Category_ids")):
+        if not os.path.isdir(os.path.join(root, sub)):
+            die(f"{root} has no {sub}/ folder; pass the VIP_Fine root with --vip")
+    listing = listing or os.path.join(root, "lists", "val_videos.txt")
+    if not os.path.isfile(listing):
+        die(f"video list {listing} not found; pass --vip-list or fix --vip")
+    out = []
+    for line in filter(str.strip, open(listing)):
+        video = line.strip().split("/")[-1]  # UVC takes the name after the last "/"
+        frames = sorted(glob.glob(os.path.join(root, "Images", video, "*.jpg")))
+        if not frames:
+            die(f"no frames in {root}/Images/{video}/; fix the folder or the list {listing}")
+        ann0 = vip_annotation(root, video, frames[0])
+        if not os.path.isfile(ann0):
+            die(f"video {video} has no first-frame annotation {ann0}; part propagation starts from it")
+        ids = read_index_png(ann0, "first-frame annotation")
+        if ids[ids != 255].max(initial=0) >= len(VIP_CLASSES):
+            die(f"{ann0} has id {ids[ids != 255].max()}; VIP has {len(VIP_CLASSES)} classes (0-19, 255 = unlabelled)")
+        out.append((video, frames))
+    return out
+
+
+def confusion(gt, pred, n):
+    """n x n pixel counts, rows = ground-truth class, columns = predicted class (CRW eval_vip.py `fast_hist`);
+    ground-truth ids outside 0..n-1 (255, unlabelled) are not counted."""
+    k = gt < n
+    return np.bincount(n * gt[k].astype(np.int64) + pred[k], minlength=n * n).reshape(n, n)
+
+
+def mean_iou(hist):
+    """IoU_c = TP / (GT_c + predicted_c − TP) from a confusion matrix (CRW eval_vip.py `show_result`: one matrix over
+    all scored pixels of all videos); a class in neither is 0/0 = NaN and left out of the mean. -> (n,), mean."""
+    tp = np.diag(hist).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # an empty matrix: mean of nothing = NaN
+        iou = tp / (hist.sum(axis=0) + hist.sum(axis=1) - tp)
+        return iou, np.nanmean(iou)
+
+
+def vip_confusion(root, results, video, frames):
+    """One video's confusion matrix over its annotated frames, the first included (its result is the given
+    annotation: CRW, UVC and VFS score every annotated frame they write) -> (hist, frames scored)."""
+    n = len(VIP_CLASSES)
+    hist, scored = np.zeros((n, n), np.int64), 0
+    for f in frames:
+        gpath = vip_annotation(root, video, f)
+        if not os.path.isfile(gpath):  # VIP labels only some frames (ATEN issue #3: only those are evaluated)
+            continue
+        gt = read_index_png(gpath, "annotation")
+        res = read_index_png(os.path.join(results, video, frame_name(f) + ".png"), "result")
+        if res.shape != gt.shape:
+            die(f"{gpath} is {gt.shape[1]}x{gt.shape[0]} but its frame {res.shape[1]}x{res.shape[0]}; fix the data")
+        hist, scored = hist + confusion(gt, res, n), scored + 1
+    return hist, scored
+
+
+def run_vip(root, videos, encoder, out, cfg, device, amp, overlay_dir):
+    """Propagates every video like DAVIS (OUT/<video>/<frame>.png) and scores its annotated frames; writes miou.csv
+    (per class and mean) and per-video_miou.csv, in %; returns the mean and the per-class IoU."""
+    total, rows, t_all = 0, [], time.time()
+    for i, (video, frames) in enumerate(videos):
+        t0 = time.time()
+        with torch.inference_mode():
+            h, w = propagate_sequence(encoder, frames, vip_annotation(root, video, frames[0]),
+                                      os.path.join(out, video), cfg, device, amp, overlay_dir)
+        hist, scored = vip_confusion(root, out, video, frames)
+        total = total + hist
+        rows.append([video, 100 * mean_iou(hist)[1]])
+        print(f"[{i + 1}/{len(videos)}] {video}: {len(frames)} frames, grid {h}x{w} | "
+              f"{len(frames) / (time.time() - t0):.1f} frames/s | {scored} annotated | mIoU {rows[-1][1]:.1f} | "
+              f"so far {100 * mean_iou(total)[1]:.1f}", flush=True)
+    iou, miou = mean_iou(total)
+    per_class = [[c, fmt(100 * v)] for c, v in zip(VIP_CLASSES, iou)]
+    write_csv(os.path.join(out, "miou.csv"), [["class", "IoU (%)"]] + per_class + [["mean", fmt(100 * miou)]])
+    write_csv(os.path.join(out, "per-video_miou.csv"), [["video", "mIoU (%)"]] + [[r[0], fmt(r[1])] for r in rows])
+    print(f"propagated {len(videos)} videos in {time.time() - t_all:.1f} s; wrote {out}/miou.csv, per-video_miou.csv")
+    print(f"--- IoU (%) per class, {len(videos)} videos ---")
+    print(" ".join(f"{c}: {fmt(100 * v) or '-'}" for c, v in zip(VIP_CLASSES, iou)))
+    print(f"mIoU {100 * miou:.2f}")
+    return {"mIoU": 100 * miou, "IoU": 100 * iou}
 
 
 # -----------------------------------------------------------------------------
@@ -805,63 +1155,21 @@ def bench(cfg, device, amp):
 
 
 # -----------------------------------------------------------------------------
-# main: check inputs (nothing written before), build the encoder, propagate and score sequence by sequence
+# main: check inputs (nothing written before), build the encoder, propagate and score video by video
 
-def main(argv=None):
-    cfg, preset, given = parse_config(argv)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    if cfg.precision not in ("bf16", "fp32"):
-        die(f"unknown --precision {cfg.precision}; use bf16 or fp32")
-    use_bf16 = device.type == "cuda" and cfg.precision == "bf16"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast(device.type, enabled=False)
-    # TF32 is left at PyTorch's defaults (off for matmuls): the DINO script ran so, and affinities stay exact fp32
-    print(f"device {device} | forward {'bf16 autocast' if use_bf16 else 'fp32'} | torch threads "
-          f"{torch.get_num_threads()}", flush=True)
-    if cfg.bench:
-        return bench(cfg, device, amp)
-
-    if cfg.davis:
-        root = cfg.davis
-    else:  # the toy DAVIS: imported only here, the rest of this file stands alone
-        import toydata
-        root = os.path.join(toydata.ensure_toy_data(), "DAVIS")
-        print(f"no --davis: toy DAVIS at {root}, toy preset {TOY} (frames stay at their native 160 px)")
-    if cfg.eval_only:
-        if not cfg.results:
-            die("--eval-only needs --results DIR (a folder of <seq>/<frame>.png)")
-        seqs = list_sequences(root, cfg.set)
-        return evaluate_folder(root, cfg.results, seqs, cfg.set)
-
-    print(f"protocol {cfg.protocol}: top-k {cfg.topk}, queue {cfg.queue}, radius {cfg.radius}, "
-          f"temperature {cfg.temperature}, short side {cfg.short_side} (long side floored to x{cfg.size_multiple})")
-    for k in sorted(given):
-        if k in preset and given[k] != preset[k]:
-            print(f"overriding {k} = {given[k]} (preset {preset[k]})")
-    if cfg.topk < 1 or cfg.queue < 0 or cfg.radius < 0 or cfg.temperature <= 0 or cfg.batch < 1:
-        die("--topk and --batch must be >= 1, --queue and --radius >= 0, --temperature > 0")
-    seqs = list_sequences(root, cfg.set)  # checks the data before anything is written
-    encoder, desc = build_encoder(cfg)  # checks the checkpoint before anything is written
-    encoder = encoder.to(device).eval()
-    n_params = sum(p.numel() for p in encoder.parameters())
-    print(f"encoder: {desc} ({n_params / 1e6:.1f}M params)")
-    name = os.path.splitext(os.path.basename(cfg.ckpt))[0]  # out/siammae/checkpoint.pt -> siammae-checkpoint
-    if os.path.isfile(cfg.ckpt):
-        name = f"{os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))}-{name}"
-    out = cfg.out or os.path.join("out", "davis", f"{name}-{cfg.protocol}")
-    overlay_dir = os.path.join(out, "overlays") if cfg.overlay else None
-    os.makedirs(overlay_dir or out, exist_ok=True)
-
+def run_davis(root, seqs, encoder, out, cfg, device, amp, overlay_dir):
+    """Propagates every sequence, scores it from the PNGs just written (the numbers --eval-only would give) and writes
+    the toolkit's two CSVs; returns the per-object rows (None for a set without full ground truth)."""
     rows, scored, t_all, n_all = [], True, time.time(), 0
     for i, (seq, frames) in enumerate(seqs):
-        ann0 = os.path.join(root, "Annotations", "480p", seq, os.path.basename(frames[0])[:-4] + ".png")
+        ann0 = os.path.join(root, "Annotations", "480p", seq, frame_name(frames[0]) + ".png")
         t0 = time.time()
         with torch.inference_mode():
             h, w = propagate_sequence(encoder, frames, ann0, os.path.join(out, seq), cfg, device, amp, overlay_dir)
         dt, n_all = time.time() - t0, n_all + len(frames)
         line = f"[{i + 1}/{len(seqs)}] {seq}: {len(frames)} frames, grid {h}x{w} | {len(frames) / dt:.1f} frames/s"
         n_gt = len(glob.glob(os.path.join(root, "Annotations", "480p", seq, "*.png")))
-        if n_gt == len(frames) and scored:  # scored from the PNGs just written: the numbers --eval-only would give
+        if n_gt == len(frames) and scored:
             seq_rows = object_rows(seq, *evaluate_sequence(root, out, seq))
             rows += seq_rows
             line += f" | J&F {global_results(seq_rows)[0]:.3f} | so far {global_results(rows)[0]:.3f}"
@@ -878,6 +1186,75 @@ def main(argv=None):
     print(f"--- global results for {cfg.set} ({len(rows)} objects) ---")
     print(format_table(rows))
     return rows
+
+
+TOY_FOLDERS = {"davis": "DAVIS", "jhmdb": "JHMDB", "vip": "VIP"}  # toydata.py's folder of each task's toy set
+
+
+def data_root(cfg):
+    """--davis / --jhmdb / --vip, or the task's toy set (toydata.py is imported only then: this file stands alone)."""
+    root = getattr(cfg, cfg.task)
+    if not root:
+        import toydata
+        root = os.path.join(toydata.ensure_toy_data(), TOY_FOLDERS[cfg.task])
+        print(f"no --{cfg.task}: toy {TOY_FOLDERS[cfg.task]} at {root}, toy preset {TOY[cfg.task]} (native frame size)")
+    return root
+
+
+def main(argv=None):
+    cfg, preset, given = parse_config(argv)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.precision not in ("bf16", "fp32"):
+        die(f"unknown --precision {cfg.precision}; use bf16 or fp32")
+    use_bf16 = device.type == "cuda" and cfg.precision == "bf16"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast(device.type, enabled=False)
+    # TF32 is left at PyTorch's defaults (off for matmuls): the DINO script ran so, and affinities stay exact fp32
+    print(f"device {device} | forward {'bf16 autocast' if use_bf16 else 'fp32'} | torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    if cfg.bench:
+        return bench(cfg, device, amp)
+
+    if cfg.eval_only and cfg.task != "davis":
+        die("--eval-only scores DAVIS results folders; JHMDB and VIP are scored as they are propagated")
+    root = data_root(cfg)
+    if cfg.eval_only:
+        if not cfg.results:
+            die("--eval-only needs --results DIR (a folder of <seq>/<frame>.png)")
+        seqs = list_sequences(root, cfg.set)
+        return evaluate_folder(root, cfg.results, seqs, cfg.set)
+
+    print(f"task {cfg.task}, protocol {cfg.protocol}: top-k {cfg.topk}, queue {cfg.queue}, radius {cfg.radius}, "
+          f"temperature {cfg.temperature}, short side {cfg.short_side} (long side floored to x{cfg.size_multiple})"
+          + (f", heatmap σ {cfg.sigma} cells, keypoint top-{cfg.keypoint_topk}" if cfg.task == "jhmdb" else ""))
+    for k in sorted(given):
+        if k in preset and given[k] != preset[k]:
+            print(f"overriding {k} = {given[k]} (preset {preset[k]})")
+    if cfg.topk < 1 or cfg.queue < 0 or cfg.radius < 0 or cfg.temperature <= 0 or cfg.batch < 1:
+        die("--topk and --batch must be >= 1, --queue and --radius >= 0, --temperature > 0")
+    if cfg.sigma <= 0 or cfg.keypoint_topk < 1:
+        die("--sigma must be > 0 and --keypoint-topk >= 1")
+    if cfg.task == "jhmdb":  # each lister checks the data before anything is written
+        videos = list_jhmdb(root, cfg.jhmdb_split)
+    elif cfg.task == "vip":
+        videos = list_vip(root, cfg.vip_list)
+    else:
+        videos = list_sequences(root, cfg.set)
+    encoder, desc = build_encoder(cfg)  # checks the checkpoint before anything is written
+    encoder = encoder.to(device).eval()
+    n_params = sum(p.numel() for p in encoder.parameters())
+    print(f"encoder: {desc} ({n_params / 1e6:.1f}M params) | {len(videos)} videos")
+    name = os.path.splitext(os.path.basename(cfg.ckpt))[0]  # out/siammae/checkpoint.pt -> siammae-checkpoint
+    if os.path.isfile(cfg.ckpt):
+        name = f"{os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))}-{name}"
+    out = cfg.out or os.path.join("out", cfg.task, f"{name}-{cfg.protocol}")
+    overlay_dir = os.path.join(out, "overlays") if cfg.overlay else None
+    os.makedirs(overlay_dir or out, exist_ok=True)
+    if cfg.task == "jhmdb":
+        return run_jhmdb(videos, encoder, out, cfg, device, amp, overlay_dir)
+    if cfg.task == "vip":
+        return run_vip(root, videos, encoder, out, cfg, device, amp, overlay_dir)
+    return run_davis(root, videos, encoder, out, cfg, device, amp, overlay_dir)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -581,6 +582,185 @@ def test_pos_embed_interpolation_follows_dino():
 
 
 # -----------------------------------------------------------------------------
+# JHMDB keypoints (PCK) and VIP human parts (mIoU): metrics by hand, heatmaps, the toy sets end to end
+
+@pytest.fixture(scope="session")
+def toy_jhmdb_vip(tmp_path_factory):
+    """Toy JHMDB (3 test + 3 train videos, 6-frame tests) and toy VIP (3 val videos of 6 frames, every other one
+    annotated), 320 x 240, written once per session."""
+    root = tmp_path_factory.mktemp("toy_jv")
+    toydata.make_jhmdb(str(root / "JHMDB"), np.random.default_rng(3), frames=6)
+    toydata.make_vip(str(root / "VIP"), np.random.default_rng(4), frames=6)
+    return root
+
+
+def test_pck_hand_values():
+    # frame 1: GT box 30 x 40 -> diagonal 50 -> person size 0.6 x 50 = 30 px: PCK@0.1 within 3 px, @0.2 within 6 px
+    # frame 2: joint 2 is lost (NaN), so the box spans joints 0 and 1 only: 60 x 80 -> size 60 (with it: 100 x 80)
+    gt = np.array([[[0, 0], [30, 40], [30, 0]], [[0, 0], [60, 80], [100, 0]]], float)  # (N=2, J=3, 2)
+    pred = gt + np.array([[[3, 0], [0, 4], [6, 8]], [[3, 4], [9, 12], [np.nan, np.nan]]])  # distances 3 4 10, 5 15 -
+    d = P.normalized_distances(pred, gt)
+    np.testing.assert_allclose(d[0], [0.1, 4 / 30, 10 / 30])
+    np.testing.assert_allclose(d[1, :2], [5 / 60, 15 / 60]) and np.isnan(d[1, 2])
+    per, mean = P.pck(d, 0.1)  # 3 px at exactly 0.1 counts (<=); joint 2 is scored in frame 1 only
+    np.testing.assert_allclose(per, [100, 0, 0])
+    assert mean == pytest.approx(100 / 3)
+    per, mean = P.pck(d, 0.2)
+    np.testing.assert_allclose(per, [100, 50, 0])
+    assert mean == pytest.approx(50)  # mean of the joints' PCKs (CRW), not the pooled 3 of 5 = 60
+    assert np.isnan(P.pck(np.full((2, 1), np.nan), 0.1)[0]).all()  # a joint never scored is NaN, not 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_heatmap_encode_decode_returns_the_keypoint_within_a_cell(k):
+    rng = np.random.default_rng(0)
+    H, W, p = 240, 320, 16
+    size = P.protocol_size(H, W, 320, 16)  # (320, 416): the JHMDB preset, another scale on each axis
+    xy = rng.uniform([0, 0], [W - 1, H - 1], (15, 2))
+    heat = P.keypoint_heatmaps(xy, (H, W), size, p, 0.5)  # (h, w, J)
+    assert heat.shape == (20, 26, 15) and float(heat.max()) <= 1
+    back = P.heatmap_keypoints(heat.permute(2, 0, 1), k, (H, W), size, p)
+    cell = np.array([W * p / size[1], H * p / size[0]])  # a cell's extent in original pixels (x, y)
+    err = np.abs(back - xy)
+    assert (err <= (cell / 2 if k == 1 else cell) + 1e-6).all(), err.max(0)  # argmax: the nearest cell centre
+    off = P.keypoint_heatmaps(np.array([[-60.0, 100.0]]), (H, W), size, p, 0.5)  # a joint left of the frame
+    assert float(off.sum()) == 0 and np.isnan(P.heatmap_keypoints(off.permute(2, 0, 1), k, (H, W), size, p)).all()
+
+
+def test_miou_hand_values():
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255]], np.uint8)  # 255 = unlabelled, not counted
+    pred = np.array([[0, 0, 1, 0], [0, 1, 1, 1], [2, 3, 2, 3]], np.uint8)
+    hist = P.confusion(gt, pred, 5)
+    assert hist.sum() == 10 and hist[0, 0] == 3 and hist[2, 3] == 1
+    iou, miou = P.mean_iou(hist)
+    # class 0: TP 3, GT 4, predicted 4 -> 3/5; class 1 the same; class 2: TP 1, GT 2, predicted 1 -> 1/2;
+    # class 3: predicted once, never in GT -> 0; class 4: in neither -> NaN, not counted
+    np.testing.assert_allclose(iou[:4], [0.6, 0.6, 0.5, 0.0])
+    assert np.isnan(iou[4]) and miou == pytest.approx((0.6 + 0.6 + 0.5 + 0) / 4)
+    iou2, _ = P.mean_iou(hist + P.confusion(gt, gt, 5))  # one matrix over all frames, not a mean of frame scores
+    assert iou2[2] == pytest.approx(3 / 4)
+
+
+def test_keypoints_on_identical_frames_are_returned(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    frames = []
+    for t in range(5):
+        frames.append(str(tmp_path / f"{t + 1:05d}.png"))
+        cv2.imwrite(frames[-1], img)
+    xy = rng.uniform([2, 2], [61, 45], (15, 2))
+    joints = np.repeat(xy[None], 5, axis=0)  # (T, J, 2)
+    cfg = P.Config(topk=1, queue=2, radius=20, short_side=48, size_multiple=8, batch=2, keypoint_topk=3)
+    pred = P.propagate_keypoints(P.PixelFeatures(8), frames, joints, cfg, torch.device("cpu"),
+                                 torch.autocast("cpu", enabled=False))
+    assert np.array_equal(pred[0], xy)  # frame 1 is the given one
+    heat = P.keypoint_heatmaps(xy, (48, 64), (48, 64), 8, cfg.sigma)
+    first = P.heatmap_keypoints(heat.permute(2, 0, 1), 3, (48, 64), (48, 64), 8)
+    np.testing.assert_allclose(pred[1:], np.repeat(first[None], 4, axis=0), atol=1e-4)  # each patch finds itself
+    assert (np.abs(pred[1:] - xy) <= 8).all()  # within a cell of the truth
+
+
+def read_keypoints_csv(path):
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:3] == ["frame", "neck_x", "neck_y"] and len(rows[0]) == 31
+    return np.array([[float(v) if v else np.nan for v in r[1:]] for r in rows[1:]]).reshape(len(rows) - 1, 15, 2)
+
+
+def test_toy_jhmdb_end_to_end(toy_jhmdb_vip, tmp_path):
+    root, out = str(toy_jhmdb_vip / "JHMDB"), tmp_path / "j"
+    res = P.main(["--task", "jhmdb", "--ckpt", "pixels", "--jhmdb", root, "--out", str(out), "--short-side", "240",
+                  "--overlay"])
+    with open(out / "per-video_pck.csv") as f:
+        videos = [r[0] for r in list(csv.reader(f))[1:]]
+    assert videos == sorted(f"{c}/{c}_person_1" for c in toydata.JHMDB_CLASSES)  # split 1's test videos (2), not 1's
+    dists, static = [], []
+    for v in videos:  # the scores follow from the keypoints written and the .mat ground truth
+        gt = P.read_joint_positions(os.path.join(root, "joint_positions", v, "joint_positions.mat"))
+        pred = read_keypoints_csv(out / f"{v}.csv")
+        assert pred.shape == gt.shape and np.allclose(pred[0], gt[0], atol=5e-4)  # frame 1 = the given joints
+        dists.append(P.normalized_distances(pred[1:], gt[1:]))
+        static.append(P.normalized_distances(np.repeat(gt[:1], len(gt) - 1, 0), gt[1:]))
+        assert os.path.isfile(out / "overlays" / f"{v}.png")
+    with open(out / "pck.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["joint", "PCK@0.1 (%)", "PCK@0.2 (%)"] and [r[0] for r in table[1:16]] == list(P.JOINTS)
+    for col, a in enumerate(P.PCK_ALPHAS, start=1):
+        assert res[f"PCK@{a}"] == pytest.approx(P.pck(np.concatenate(dists), a)[1])
+        assert table[-1] == ["mean"] + [P.fmt(res[f"PCK@{b}"]) for b in P.PCK_ALPHAS]
+    # the toy person walks ~0.45 of the frame across the clip: tracking must beat keeping frame 1's joints
+    # (0.2: 57 vs 10 on the 12-frame default toy when written)
+    assert res["PCK@0.2"] > P.pck(np.concatenate(static), 0.2)[1] + 20
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_toy_vip_end_to_end(toy_jhmdb_vip, tmp_path):
+    root, out = str(toy_jhmdb_vip / "VIP"), tmp_path / "v"
+    res = P.main(["--task", "vip", "--ckpt", "pixels", "--vip", root, "--out", str(out), "--short-side", "240",
+                  "--size-multiple", "16", "--overlay"])
+    total, counted = 0, 0
+    for v in ["videos1", "videos2", "videos3"]:  # lists/val_videos.txt; videos4 is train
+        frames = sorted(os.listdir(os.path.join(root, "Images", v)))
+        pngs = sorted(os.listdir(out / v))
+        assert pngs == [f.replace(".jpg", ".png") for f in frames]  # every frame, annotated or not
+        first = Image.open(out / v / pngs[0])
+        assert first.mode == "P" and first.size == (320, 240)
+        gt0 = np.array(Image.open(os.path.join(root, "Annotations", "Category_ids", v, pngs[0])))
+        assert np.array_equal(np.array(first), gt0)  # frame 1 = the given annotation
+        for png in pngs:  # the score follows from the PNGs written, on the annotated frames only
+            gpath = os.path.join(root, "Annotations", "Category_ids", v, png)
+            if os.path.isfile(gpath):
+                total = total + P.confusion(np.array(Image.open(gpath)), np.array(Image.open(out / v / png)), 20)
+                counted += 1
+    assert counted == 9  # frames 1, 3, 5 of each video carry annotations
+    iou, miou = P.mean_iou(total)
+    assert res["mIoU"] == pytest.approx(100 * miou) and 20 < res["mIoU"] < 100
+    with open(out / "miou.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["class", "IoU (%)"] and table[-1] == ["mean", P.fmt(100 * miou)]
+    assert table[2] == ["hat", ""]  # no hat anywhere: not counted (NaN), written as an empty field
+    assert os.path.isfile(out / "overlays" / "videos2.png")
+
+
+def test_jhmdb_and_vip_bad_inputs(toy_jhmdb_vip, tmp_path, capsys, monkeypatch):
+    j = tmp_path / "J"
+    shutil.copytree(toy_jhmdb_vip / "JHMDB", j)
+    o = str(tmp_path / "o")
+    jh = ["--task", "jhmdb", "--ckpt", "pixels", "--out", o, "--jhmdb"]
+    assert "has no Rename_Images" in run_main(jh + [str(tmp_path / "nowhere")], capsys)
+    mat = j / "joint_positions" / "toy_walk" / "toy_walk_person_1" / "joint_positions.mat"
+    good = mat.read_bytes()
+    mat.write_bytes(b"MATLAB 5.0 MAT-file, but not really")
+    assert "as a MATLAB file" in run_main(jh + [str(j)], capsys)
+    import scipy.io
+    scipy.io.savemat(str(mat), {"pos_img": np.zeros((2, 14, 6))})  # 14 joints
+    assert "no finite pos_img" in run_main(jh + [str(j)], capsys)
+    mat.write_bytes(good)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # scipy not installed: `import scipy.io` raises
+    assert "needs scipy" in run_main(jh + [str(j)], capsys)
+    monkeypatch.undo()
+    (j / "splits" / "toy_jump_test_split1.txt").write_text("toy_jump_person_0.avi\n")
+    assert "not '<video>.avi 1|2'" in run_main(jh + [str(j)], capsys)
+    assert "split" in run_main(jh + [str(j), "--jhmdb-split", str(tmp_path / "none.txt")], capsys)
+    assert "no --protocol dino for --task jhmdb" in run_main(jh + [str(j), "--protocol", "dino"], capsys)
+    assert "unknown --task" in run_main(["--task", "pose", "--ckpt", "pixels"], capsys)
+
+    v = tmp_path / "V"
+    shutil.copytree(toy_jhmdb_vip / "VIP", v)
+    vip = ["--task", "vip", "--ckpt", "pixels", "--out", o, "--vip", str(v)]
+    os.remove(v / "lists" / "val_videos.txt")
+    assert "val_videos.txt not found" in run_main(vip, capsys)
+    (v / "lists" / "val_videos.txt").write_text("videos1\nvideos9\n")
+    assert "no frames in" in run_main(vip, capsys)
+    (v / "lists" / "val_videos.txt").write_text("videos1\nvideos2\n")
+    os.remove(v / "Annotations" / "Category_ids" / "videos2" / "000000000000.png")
+    assert "first-frame annotation" in run_main(vip, capsys)
+    os.rename(v / "Images", v / "Frames")
+    assert "has no Images" in run_main(vip, capsys)
+    assert not os.path.exists(o)  # nothing written by any of them
+
+
+# -----------------------------------------------------------------------------
 # checkpoints and baselines
 
 def test_checkpoint_formats_give_identical_features(tmp_path):
@@ -695,6 +875,12 @@ def test_presets_and_flags():
     assert (cfg.topk, cfg.queue, cfg.radius, cfg.size_multiple) == (3, 20, 20, 64)
     cfg, _, _ = P.parse_config(["--ckpt", "pixels"])  # no --davis: the toy preset keeps frames native
     assert (cfg.short_side, cfg.size_multiple) == (160, 16)
+    cfg, _, _ = P.parse_config(["--task", "jhmdb", "--jhmdb", "J"])  # SiamMAE Table 4b, JHMDB and VIP rows
+    assert (cfg.topk, cfg.queue, cfg.radius, cfg.short_side, cfg.sigma, cfg.keypoint_topk) == (7, 20, 20, 320, 0.5, 3)
+    cfg, _, _ = P.parse_config(["--task", "vip", "--vip", "V", "--radius", "4"])
+    assert (cfg.topk, cfg.queue, cfg.radius, cfg.short_side) == (10, 20, 4, 560)
+    cfg, _, _ = P.parse_config(["--task", "vip"])  # no --vip: toy VIP at its native 240 px
+    assert (cfg.topk, cfg.radius, cfg.short_side, cfg.size_multiple) == (10, 8, 240, 16)
     assert P.protocol_size(480, 854, 480, 64) == (480, 832) and P.protocol_size(854, 480, 480, 64) == (832, 480)
 
 # =============================================================================

@@ -601,7 +601,8 @@ def test_pck_hand_values():
     pred = gt + np.array([[[3, 0], [0, 4], [6, 8]], [[3, 4], [9, 12], [np.nan, np.nan]]])  # distances 3 4 10, 5 15 -
     d = P.normalized_distances(pred, gt)
     np.testing.assert_allclose(d[0], [0.1, 4 / 30, 10 / 30])
-    np.testing.assert_allclose(d[1, :2], [5 / 60, 15 / 60]) and np.isnan(d[1, 2])
+    np.testing.assert_allclose(d[1, :2], [5 / 60, 15 / 60])
+    assert np.isnan(d[1, 2])
     per, mean = P.pck(d, 0.1)  # 3 px at exactly 0.1 counts (<=); joint 2 is scored in frame 1 only
     np.testing.assert_allclose(per, [100, 0, 0])
     assert mean == pytest.approx(100 / 3)
@@ -685,9 +686,9 @@ def test_toy_jhmdb_end_to_end(toy_jhmdb_vip, tmp_path):
     with open(out / "pck.csv") as f:
         table = list(csv.reader(f))
     assert table[0] == ["joint", "PCK@0.1 (%)", "PCK@0.2 (%)"] and [r[0] for r in table[1:16]] == list(P.JOINTS)
-    for col, a in enumerate(P.PCK_ALPHAS, start=1):
+    for a in P.PCK_ALPHAS:
         assert res[f"PCK@{a}"] == pytest.approx(P.pck(np.concatenate(dists), a)[1])
-        assert table[-1] == ["mean"] + [P.fmt(res[f"PCK@{b}"]) for b in P.PCK_ALPHAS]
+    assert table[-1] == ["mean"] + [P.fmt(res[f"PCK@{a}"]) for a in P.PCK_ALPHAS]
     # the toy person walks ~0.45 of the frame across the clip: tracking must beat keeping frame 1's joints
     # (0.2: 57 vs 10 on the 12-frame default toy when written)
     assert res["PCK@0.2"] > P.pck(np.concatenate(static), 0.2)[1] + 20

@@ -20,7 +20,8 @@ What it writes (the layouts the real datasets use):
 Why the content looks like this: correspondence must be something a model has to LEARN, not read off a colour.
 Every scene is textured objects over a textured background; the camera pans; several objects move, occlude
 each other (fixed depth order) and may leave the frame. Colours are random per object, so an object is
-identified by its texture and shape, and image classes are told apart by shape, never by colour.
+identified by its texture and shape. An image class is one scene of textured shapes, photographed with other
+framing and lighting each time, so classes are told apart by layout and texture, never by colour.
 The "480p" folder holds small frames (160 px high, like a downscaled DAVIS), which keeps CPU tests fast.
 JHMDB and VIP share one person: a textured stick figure in JHMDB's 15-joint order that walks and swings its limbs
 over a panning background; JHMDB keeps its joints, VIP its body parts painted with VIP's class ids.
@@ -34,7 +35,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-VERSION = "3"  # bump when the generated content changes, so cached ./toy_data folders are remade
+VERSION = "4"  # bump when the generated content changes, so cached ./toy_data folders are remade
 UCF_CLASSES = ["BlobDrift", "CrossingShapes", "FastPan", "Occluders"]  # toy stand-ins for UCF101's 101 classes
 IMAGE_CLASSES = ["disc", "square", "triangle", "cross", "ring", "star"]
 DAVIS_SEQS = {  # name: (height, width, frames, objects, split); widths differ on purpose (real DAVIS does too)
@@ -149,38 +150,55 @@ def make_ucf101(root, rng, groups=3, clips=2, size=(120, 160), frames=64):
 
 
 # -----------------------------------------------------------------------------
-# Image classification tree: class = shape; colours and textures random
+# Image classification tree: a class = one object scene, its images = photos of it with other framing and lighting
 
-def class_texture(rng, h, w, k, n_classes):
-    """A grating whose orientation belongs to class k (colours, phase and frequency jitter random): the class shows in
-    every crop of the object, so crop-invariant learning (MSN, CMAE) has something to find, while colour does not."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    # orientations in [0, 90°): a horizontal flip (θ -> 180° − θ, every method's augmentation) never turns one class's
-    # stripes into another's
-    theta, freq = 0.5 * np.pi * k / n_classes + rng.normal(0, 0.03), rng.uniform(0.5, 0.7)
-    pattern = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.uniform(0, 2 * np.pi))
-    c0, c1 = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
-    return c0 + pattern[..., None] * (c1 - c0)
-
-
-def render_shape_image(rng, kind, size=96):
-    """Class = shape AND the orientation of the object's stripes; background texture and all colours are random."""
-    img = texture(rng, size, size)
-    r = rng.uniform(0.3, 0.45) * size
-    cx, cy = rng.uniform(r, size - r, 2)
+def render_class_scene(rng, k, size=192):
+    """Class k's scene (size, size, 3) in [0, 1]: a textured background and three textured shapes, the first of them
+    the class's namesake shape. Every image of the class is a photo of this one scene."""
+    scene = texture(rng, size, size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    m = shape_mask(kind, xx - cx, yy - cy, r, rng.uniform(0, 6.28))
-    img[m] = class_texture(rng, size, size, IMAGE_CLASSES.index(kind), len(IMAGE_CLASSES))[m]
-    return (img * 255).round().astype(np.uint8)
+    for j in range(3):
+        r = rng.uniform(0.15, 0.3) * size
+        cx, cy = rng.uniform(r, size - r, 2)
+        kind = IMAGE_CLASSES[(k + j) % len(IMAGE_CLASSES)]
+        m = shape_mask(kind, xx - cx, yy - cy, r, rng.uniform(0, 2 * np.pi))
+        scene[m] = texture(rng, size, size)[m]
+    return scene
 
 
-def make_images(root, rng, n_train=30, n_val=10, size=96):
+def photograph(rng, scene, size):
+    """One photo of a scene (uint8 (size, size, 3)): a random framing (crop of 20-100 % of the area, aspect 3/4-4/3,
+    mirrored half the time) under random lighting (brightness, contrast, saturation x0.6-1.4, hue +-0.1 turn). These are
+    the ranges of the methods' own augmentations (RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.4, 0.1)), so what
+    tells two photos of one class apart is exactly what MSN and CMAE learn to ignore, and an untrained network does
+    not: the k-NN of a short toy run beats the untrained network's (test_all.py)."""
+    C = scene.shape[0]
+    area, ratio = rng.uniform(0.2, 1.0) * C * C, np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    w, h = min(C, int(round(np.sqrt(area * ratio)))), min(C, int(round(np.sqrt(area / ratio))))
+    x0, y0 = rng.integers(0, C - w + 1), rng.integers(0, C - h + 1)
+    img = cv2.resize(scene[y0:y0 + h, x0:x0 + w], (size, size), interpolation=cv2.INTER_AREA)
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    b, c, s = rng.uniform(0.6, 1.4, 3)
+    img = img * b  # brightness
+    img = (img - img.mean()) * c + img.mean()  # contrast around the mean
+    gray = img @ np.array([0.299, 0.587, 0.114], np.float32)
+    img = (img - gray[..., None]) * s + gray[..., None]  # saturation
+    hsv = cv2.cvtColor(np.clip(img, 0, 1).astype(np.float32), cv2.COLOR_RGB2HSV)  # H in degrees
+    hsv[..., 0] = (hsv[..., 0] + 360 * rng.uniform(-0.1, 0.1)) % 360
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def make_images(root, rng, n_train=30, n_val=20, size=96):
+    """ImageFolder tree of len(IMAGE_CLASSES) classes; train and val photos are independent draws of each scene."""
+    scenes = [render_class_scene(rng, k) for k in range(len(IMAGE_CLASSES))]
     for split, n in (("train", n_train), ("val", n_val)):
-        for kind in IMAGE_CLASSES:
+        for k, kind in enumerate(IMAGE_CLASSES):
             d = os.path.join(root, split, kind)
             os.makedirs(d, exist_ok=True)
             for i in range(n):
-                Image.fromarray(render_shape_image(rng, kind, size)).save(os.path.join(d, f"{i:04d}.png"))
+                Image.fromarray(photograph(rng, scenes[k], size)).save(os.path.join(d, f"{i:04d}.png"))
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ through a projector and a predictor. The target branch is an EMA copy of the enc
 FULL shifted, colour-augmented view. InfoNCE pulls each image's two embeddings together against all other images
 in the (all-gathered) batch. Total loss = L_r + λ_c·L_c.
 
-    python cmae.py                                        # toy demo: makes toy images once, ~5 min on a 2-core CPU
+    python cmae.py                                        # toy demo: makes toy images once, ~2.5 min on a 2-core CPU
     python cmae.py --data imagenet/                       # one GPU (or CPU), official ViT-B/16 defaults
     torchrun --nproc_per_node=8 cmae.py --data imagenet/  # DDP; official: 32 GPUs x 128 = 4096 images per step
     python cmae.py --eval --ckpt out/cmae/checkpoint.pt   # k-NN and 1/2/5-shot logistic regression (or --ckpt random)

@@ -181,7 +181,8 @@ def photograph(rng, scene, size):
         img = img[:, ::-1]
     b, c, s = rng.uniform(0.6, 1.4, 3)
     img = img * b  # brightness
-    img = (img - img.mean()) * c + img.mean()  # contrast around the mean
+    mean = img.mean()
+    img = (img - mean) * c + mean  # contrast around the mean
     gray = img @ np.array([0.299, 0.587, 0.114], np.float32)
     img = (img - gray[..., None]) * s + gray[..., None]  # saturation
     hsv = cv2.cvtColor(np.clip(img, 0, 1).astype(np.float32), cv2.COLOR_RGB2HSV)  # H in degrees

@@ -45,14 +45,13 @@ def toy_photos(tmp_path_factory):
     return str(root)
 
 
-def knn_before_and_after(module, train_args, eval_args, data, out):
-    """Trains `module` with train_args on `data`, then k-NN top-1 (%) of its --eval encoder at step 0 (--ckpt random,
-    the same seed builds the same initial network) and after training."""
-    module.main(train_args + ["--data", data, "--out", str(out)])
-    ev = eval_args + ["--eval", "--data", data, "--out", str(out / "eval")]
-    before = module.main(ev + ["--ckpt", "random"])["knn_top1"]
-    after = module.main(ev + ["--ckpt", str(out / "checkpoint.pt")])["knn_top1"]
-    return before, after
+def knn_before_and_after(module, train_args, data, out):
+    """Trains `module` with train_args on `data` with --eval: evaluate.py's k-NN top-1 (%) of the evaluated encoder
+    at step 0 and after training, as the trainer writes them to <out>/eval.json ({"before": ..., "after": ...})."""
+    module.main(train_args + ["--data", data, "--out", str(out), "--eval"])
+    with open(out / "eval.json") as f:
+        res = json.load(f)
+    return res["before"]["knn_top1"], res["after"]["knn_top1"]
 
 
 def bad_exit(capsys, fn, *args):

@@ -56,66 +56,66 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 @dataclasses.dataclass
 class Config:
-    data: str = ""  # ImageFolder root holding train/<class>/<image> (and val/ for --eval); empty:
-                    # the toy images and the toy preset
-    out: str = "out/cmae"  # folder for checkpoint.pt, log.jsonl, eval.json and the figures
-    preset: str = ""  # "toy": small, fast settings for a CPU demo, set before the flags
+    data: str = ""                # ImageFolder root holding train/<class>/<image> (and val/ for
+                                  # --eval); empty: the toy images and the toy preset
+    out: str = "out/cmae"         # folder for checkpoint.pt, log.jsonl, eval.json and the figures
+    preset: str = ""              # "toy": small, fast settings for a CPU demo, set before the flags
     # model (official config: ViT-B/16, MAE's pixel decoder, a 2-block feature decoder)
-    model: str = "vit_base"  # encoder size: vit_tiny | vit_small | vit_base | vit_large
-    patch_size: int = 16  # patch side in pixels
-    img_size: int = 224  # side of both views in pixels; a multiple of --patch-size
-    decoder_depth: int = 8  # pixel decoder blocks (MAE's decoder; official 8 x 512, 16 heads)
-    decoder_dim: int = 512  # width of the pixel decoder
-    decoder_heads: int = 16  # attention heads of the pixel decoder
-    feat_decoder_depth: int = 2  # feature decoder blocks, predicting encoder features (official 2)
-    feat_decoder_dim: int = 512  # width of the feature decoder
+    model: str = "vit_base"       # encoder size: vit_tiny | vit_small | vit_base | vit_large
+    patch_size: int = 16          # patch side in pixels
+    img_size: int = 224           # side of both views in pixels; a multiple of --patch-size
+    decoder_depth: int = 8        # pixel decoder blocks (MAE's decoder; official 8 x 512, 16 heads)
+    decoder_dim: int = 512        # width of the pixel decoder
+    decoder_heads: int = 16       # attention heads of the pixel decoder
+    feat_decoder_depth: int = 2   # feature decoder blocks, predicting encoder features (official 2)
+    feat_decoder_dim: int = 512   # width of the feature decoder
     feat_decoder_heads: int = 16  # attention heads of the feature decoder
-    proj_hidden: int = 1536  # hidden width of the projector (D -> 1536 -> E) and the predictor (E
-                             # -> 1536 -> E), official NonLinearNeck
-    proj_dim: int = 256  # E, the width in which InfoNCE compares the two branches
+    proj_hidden: int = 1536       # hidden width of the projector (D -> 1536 -> E) and the predictor
+                                  # (E -> 1536 -> E), official NonLinearNeck
+    proj_dim: int = 256           # E, the width in which InfoNCE compares the two branches
     # views ("pixel shifting", official cmae/datasets/cmae_dataset.py): one crop; online view = its
     # top-left corner; target view = that window shifted by a few pixels, colour-augmented
-    crop_size: int = 256  # side of the one RandomResizedCrop both views come from; must exceed
-                          # --img-size + --shift (official 256 > 224 + 31)
+    crop_size: int = 256          # side of the one RandomResizedCrop both views come from; must
+                                  # exceed --img-size + --shift (official 256 > 224 + 31)
     crop_scale: tuple = (0.2, 1.0)  # RandomResizedCrop area range (MAE, official)
-    shift: int = 31  # largest shift of the target view per axis, uniform integers in [0, shift]
-                     # (official ShiftPixel); 0: the same window
+    shift: int = 31               # largest shift of the target view per axis, uniform integers in
+                                  # [0, shift] (official ShiftPixel); 0: the same window
     # masking (official CMAEViT.random_masking: 2x2-patch blocks, 65 %; the paper text: MAE's 75 %)
-    mask: float = 0.65  # fraction of blocks hidden: 0.65 keeps 17 of 49 blocks = 68 of 196 patches
-                        # (official); MAE: --mask-block 1 --mask 0.75
-    mask_block: int = 2  # side of a mask block in patches; 1 = MAE's per-patch masking
+    mask: float = 0.65            # fraction of blocks hidden: 0.65 keeps 17 of 49 blocks = 68 of
+                                  # 196 patches (official); MAE: --mask-block 1 --mask 0.75
+    mask_block: int = 2           # side of a mask block in patches; 1 = MAE's per-patch masking
     # losses (official cmae/models/heads/cmae_head.py): L = L_r + ct_weight * 2 * temperature * L_c
-    temperature: float = 0.07  # InfoNCE temperature (official 0.07); lower = harder negatives
-    ct_weight: float = 1.0  # L_c weight = ct_weight * 2 * temperature (official 1: 0.14)
-    momentum: float = 0.996  # EMA momentum of target encoder + projector (official 0.996)
-    momentum_end: float = 0.996  # momentum at the end of a cosine ramp from --momentum (official
-                                 # MomentumUpdateHook); equal = constant
+    temperature: float = 0.07     # InfoNCE temperature (official 0.07); lower = harder negatives
+    ct_weight: float = 1.0        # L_c weight = ct_weight * 2 * temperature (official 1: 0.14)
+    momentum: float = 0.996       # EMA momentum of target encoder + projector (official 0.996)
+    momentum_end: float = 0.996   # momentum at the end of a cosine ramp from --momentum (official
+                                  # MomentumUpdateHook); equal = constant
     # optimisation (official config)
-    batch_size: int = 128  # images per GPU per step; official 32 GPUs x 128 (else --accum)
-    epochs: int = 300  # length of training (official configs: 300 / 800 / 1600)
-    max_steps: int = 0  # if > 0: train this many steps instead; the schedules span them
-    blr: float = 1.5e-4  # base lr; lr = blr x effective batch / 256 (2.4e-3 at 4096)
-    lr: float = 0.0  # if > 0: this absolute lr, no batch scaling
-    min_lr: float = 0.0  # the cosine ends here (official CosineAnnealingLR eta_min 0)
-    warmup_epochs: float = 40  # linear warm-up in epochs (official 40), converted to steps
-    weight_decay: float = 0.05  # AdamW weight decay, betas (0.9, 0.95); none on LayerNorms, biases
-                                # and pos / mask / cls tokens (official paramwise_cfg)
-    accum: int = 1  # gradient accumulation micro-steps per optimizer step
+    batch_size: int = 128         # images per GPU per step; official 32 GPUs x 128 (else --accum)
+    epochs: int = 300             # length of training (official configs: 300 / 800 / 1600)
+    max_steps: int = 0            # if > 0: train this many steps instead; the schedules span them
+    blr: float = 1.5e-4           # base lr; lr = blr x effective batch / 256 (2.4e-3 at 4096)
+    lr: float = 0.0               # if > 0: this absolute lr, no batch scaling
+    min_lr: float = 0.0           # the cosine ends here (official CosineAnnealingLR eta_min 0)
+    warmup_epochs: float = 40     # linear warm-up in epochs (official 40), converted to steps
+    weight_decay: float = 0.05    # AdamW weight decay, betas (0.9, 0.95); none on LayerNorms,
+                                  # biases and pos / mask / cls tokens (official paramwise_cfg)
+    accum: int = 1                # gradient accumulation micro-steps per optimizer step
     # machine
-    workers: int = 8  # DataLoader processes decoding images, per GPU
-    device: str = "auto"  # auto (cuda if available) | cuda | cpu
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    compile: bool = False  # torch.compile the model (faster on CUDA after compiling)
-    seed: int = 0  # seeds the initial network and each sample's crop, colour, mask
-    resume: bool = False  # continue from <out>/checkpoint.pt (same flags), bit for bit
-    bench: bool = False  # time training steps on synthetic input, print one line, exit
-    show_views: bool = False  # write <out>/views.png (crop | online | shifted | +colour), exit
-    eval: bool = False  # evaluate.py's k-NN and few-shot on --data's val/, before and after
-                        # training; the toy preset turns it on
+    workers: int = 8              # DataLoader processes decoding images, per GPU
+    device: str = "auto"          # auto (cuda if available) | cuda | cpu
+    dtype: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False         # torch.compile the model (faster on CUDA after compiling)
+    seed: int = 0                 # seeds the initial network and each sample's crop, colour, mask
+    resume: bool = False          # continue from <out>/checkpoint.pt (same flags), bit for bit
+    bench: bool = False           # time training steps on synthetic input, print one line, exit
+    show_views: bool = False      # write <out>/views.png (crop | online | shifted | +colour), exit
+    eval: bool = False            # evaluate.py's k-NN and few-shot on --data's val/, before and
+                                  # after training; the toy preset turns it on
     # logging
-    log_every: int = 20  # steps between log lines and log.jsonl records
-    fig_every: int = 1000  # steps between reconstruction figures (one more at the end)
-    ckpt_every: int = 500  # steps between checkpoints (one more at the end)
+    log_every: int = 20           # steps between log lines and log.jsonl records
+    fig_every: int = 1000         # steps between reconstruction figures (one more at the end)
+    ckpt_every: int = 500         # steps between checkpoints (one more at the end)
 
 
 PRESETS = {  # `python cmae.py` on a CPU: view geometry x 64/224 (256 -> 72, 31 -> 7), 2x2 blocks

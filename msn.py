@@ -1,46 +1,47 @@
 """
-MSN: Masked Siamese Networks, in one file, with the label-efficient evaluation that is the paper's point.
-Assran, Caron, Misra, Bojanowski, Bordes, Vincent, Joulin, Rabbat, Ballas. "Masked Siamese Networks for
-Label-Efficient Learning", ECCV 2022, arXiv:2204.07141. Official code: github.com/facebookresearch/msn.
+MSN: Masked Siamese Networks, in one file.
+Assran, Caron, Misra, Bojanowski, Bordes, Vincent, Joulin, Rabbat, Ballas. "Masked Siamese Networks
+for Label-Efficient Learning", ECCV 2022, arXiv:2204.07141. Official code: facebookresearch/msn.
 
-Each image gives one target view (224 px, whole) and several anchor views: one 224-px view with 15 % of its
-patches dropped, and 10 small "focal" crops (96 px). The anchors go through the ViT being trained; the target goes
-through an exponential moving average (EMA) of it. Both embeddings are compared with 1024 learned prototypes
-(cosine similarity, softmax); each anchor's soft assignment must match its image's sharpened target assignment,
-while the mean assignment over the batch is kept spread out (ME-MAX). No pixels are reconstructed: the "denoising"
-of the masked view happens at the level of the representation.
+Each image gives one target view (224 px, whole) and several anchor views: one 224-px view with 15 %
+of its patches dropped, and 10 small "focal" crops (96 px). The anchors go through the ViT being
+trained, the target through an exponential moving average (EMA) of it. Both embeddings are compared
+with 1024 learned prototypes (cosine similarity, softmax): each anchor's soft assignment must match
+its image's sharpened target assignment, while the mean assignment over the batch stays spread out
+(ME-MAX). No pixels are reconstructed: the masked view is "denoised" in representation space.
 
-    python msn.py                                        # toy demo on a 2-core CPU (~1 min): k-NN before and after
-    python msn.py --data imagenet/                       # one GPU (or CPU), official ViT-S/16 defaults
-    torchrun --nproc_per_node=8 msn.py --data imagenet/ --batch-size 128   # DDP, 1024 images per step
-    python msn.py --eval --ckpt out/msn/checkpoint.pt    # k-NN and 1/2/5-shot logistic regression on --data's val/
-    python msn.py --eval --ckpt random                   # the untrained network, for comparison
-    python msn.py --bench --batch-size 8                 # throughput of one ViT-S/16 training step, no data needed
+    python msn.py                          # toy demo on a 2-core CPU (~1 min): k-NN before / after
+    python msn.py --data imagenet/         # one GPU (or CPU), official ViT-S/16 defaults
+    torchrun --nproc_per_node=8 msn.py --data imagenet/ --batch-size 128   # 1024 images per step
+    python msn.py --data imagenet/ --eval  # + evaluate.py's k-NN and few-shot, before and after
+    python evaluate.py --ckpt out/msn/checkpoint.pt   # the label-efficient evaluation, any time
+    python msn.py --bench --batch-size 8   # throughput of a ViT-S/16 training step, no data needed
 
---eval also reads checkpoints of siammae.py and cmae.py (same encoder names), so the three methods can be compared on
-the same images with the same protocol.
+Measured on 2 idle CPU cores (no GPU), 2026-11-23: one ViT-S/16 multi-crop step (batch 8) 3.83 s =
+169 GFLOP/s = 88 % of the fp32 matmul rate. Commands and more in README.md "Results".
 
-Measured on 2 idle CPU cores (no GPU), 2026-11-23: one ViT-S/16 multi-crop step (batch 8) 3.83 s = 169 GFLOP/s =
-88 % of the fp32 matmul rate. Commands and more in README.md "Results".
-
-Sections: Config | ViT | Masking | Model | Losses | Data | Schedules | Checkpointing | Evaluation | Benchmark |
-Train loop (main). The paper's text is cited as (§n); "official code" means facebookresearch/msn at its release.
-Where the paper text and the code differ, this file follows the code and says so.
+Sections: Config | ViT | Masking | Model | Loss | Data | Schedule | Checkpoint | Train loop (main) |
+Plumbing. "Official" is facebookresearch/msn at its release; where the paper text and that code
+differ, this file follows the code and says so.
 """
+import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import sys
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn  # collectives with autograd (backward = all-reduce of the grads)
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -49,161 +50,94 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 # -----------------------------------------------------------------------------
-# Config: every field is a CLI flag (--focal-views for focal_views). Defaults are the official ViT-S/16 config
-# (configs/pretrain/msn_vits16.yaml); the toy preset below is what `python msn.py` runs.
+# Config (official configs/pretrain/msn_vits16.yaml; the toy preset is what `python msn.py` runs)
+# Every field is a flag (--focal-views for focal_views); its comment is the flag's --help.
 
 @dataclasses.dataclass
 class Config:
-    data: str = ""                 # ImageFolder root with train/ (and val/ for --eval); empty = toy images + toy preset
-    out: str = "out/msn"           # checkpoint.pt, log.jsonl and eval.json go here
-    preset: str = ""               # "toy": small, fast settings for a CPU demo (applied before the flags you pass)
-    # model (official: deit_small = ViT-S/16, head 2048-2048-256 with BatchNorm, no prediction head)
-    model: str = "vit_small"       # vit_micro | vit_tiny | vit_small | vit_base | vit_large
-    patch_size: int = 16
-    img_size: int = 224            # target and masked-anchor crop side ("rand_size")
-    focal_size: int = 96           # focal crop side; the pos-embed is interpolated to its grid (14x14 -> 6x6)
-    focal_views: int = 10          # focal anchors per image (official 10); 0 = the masked 224 anchor only
-    patch_drop: float = -1.0       # fraction of the anchor's patches dropped; < 0 = per model (PATCH_DROP below)
-    hidden_dim: int = 2048         # projection head Linear(D,h)-BN-GELU-Linear(h,h)-BN-GELU-Linear(h,out)
-    output_dim: int = 256
-    num_proto: int = 1024          # K prototypes, learned, shared by anchors and targets (official 1024)
-    tau: float = 0.1               # softmax temperature of the cosine similarity to the prototypes (§3, Eq. 1)
-    sharpen: float = 0.25          # target sharpening temperature T (official start = final = 0.25: a constant)
-    no_sinkhorn: bool = False      # official: Sinkhorn (3 iterations) on the targets; this flag turns it off
-    memax_weight: float = 1.0      # λ of the mean-entropy-maximisation regulariser (§3, Eq. 2)
-    ent_weight: float = 0.0        # weight of the per-sample entropy term (official: computed, weight 0)
-    # views (official data_manager.make_transforms; colour strength 0.5 -> jitter 0.4, 0.4, 0.4, 0.1)
-    crop_scale: tuple = (0.3, 1.0)     # RandomResizedCrop scale of the target and masked-anchor views
+    data: str = ""               # ImageFolder root: train/ (and val/ for --eval); empty = the toy
+                                 # images and the toy preset
+    out: str = "out/msn"         # checkpoint.pt, log.jsonl and eval.json go here
+    preset: str = ""             # "toy": small, fast settings for a CPU demo (before your flags)
+    # model (official: deit_small = ViT-S/16, head 2048-2048-256 with BatchNorm, no predictor)
+    model: str = "vit_small"     # vit_micro | vit_tiny | vit_small | vit_base | vit_large
+    patch_size: int = 16         # ViT patch side in pixels
+    img_size: int = 224          # side of the target and masked-anchor crops (official rand_size)
+    focal_size: int = 96         # focal crop side; the pos-embed is resized to its grid (14² -> 6²)
+    focal_views: int = 10        # focal anchors per image (official 10); 0 = the masked one only
+    patch_drop: float = -1.0     # fraction of the masked anchor's patches dropped; < 0 = --model's
+                                 # official value (PATCH_DROP)
+    hidden_dim: int = 2048       # head Linear(D,h)-BN-GELU-Linear(h,h)-BN-GELU-Linear(h,E)
+    output_dim: int = 256        # E: the head's output width = the prototypes' width
+    num_proto: int = 1024        # K learned prototypes, shared by anchors and targets
+    tau: float = 0.1             # temperature of the softmax over cosine similarities to prototypes
+    sharpen: float = 0.25        # target sharpening temperature T (official start = final = 0.25)
+    sinkhorn: bool = True        # Sinkhorn-Knopp balancing (3 iterations) of the targets (official)
+    memax_weight: float = 1.0    # λ of the mean-entropy-maximisation (ME-MAX) regulariser
+    ent_weight: float = 0.0      # weight of the per-sample entropy term (official: computed, 0)
+    # views (official make_transforms; colour strength 0.5 -> jitter 0.4, 0.4, 0.4, 0.1)
+    crop_scale: tuple = (0.3, 1.0)     # RandomResizedCrop scale of the target and masked anchor
     focal_scale: tuple = (0.05, 0.3)   # RandomResizedCrop scale of the focal views
-    color_jitter: float = 0.5          # strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8
-    # optimisation (official: AdamW, lr NOT scaled with the batch; every schedule spans 1.25x the run)
-    batch_size: int = 64           # images per GPU per step; official 1024 = 16 GPUs x 64 (use --accum on fewer)
-    epochs: int = 800              # official ViT-S/16
-    max_steps: int = 0             # if > 0: train this many optimizer steps instead; the schedules span them
-    lr: float = 1e-3               # peak lr after warm-up (official "lr", the same at any batch size)
-    start_lr: float = 2e-4         # warm-up starts here (official)
-    final_lr: float = 1e-6         # the cosine heads here; with the 1.25x horizon the run stops before reaching it
-    blr: float = 0.0               # if > 0: lr = blr x batch / 256 (MAE rule, for the shared flags); MSN does not scale
-    warmup_epochs: float = 15      # official
-    weight_decay: float = 0.04     # cosine INCREASE to --final-weight-decay (official); none on biases, norms, protos
-    final_weight_decay: float = 0.4
-    momentum: float = 0.996        # EMA momentum of the target network, linear ramp to --final-momentum (official)
-    final_momentum: float = 1.0
-    horizon: float = 1.25          # official: lr, wd and momentum schedules are laid out over 1.25x the run's steps
-    clip_grad: float = 3.0         # max grad norm of encoder + head (official; the prototypes are not clipped)
-    accum: int = 1                 # gradient accumulation micro-steps per optimizer step
-    # evaluation (label-efficient: k-NN and few-shot logistic regression on frozen features)
-    eval: bool = False             # evaluate --ckpt on --data's train/ and val/ and exit
-    ckpt: str = ""                 # checkpoint of msn.py, siammae.py or cmae.py, or "random" (untrained --model)
-    knn_k: int = 20                # neighbours (fewer if the train split is smaller)
-    knn_temp: float = 0.07         # vote weight exp(cos / t), DINO's weighted k-NN
-    draws: int = 5                 # random draws of the labelled images per few-shot setting
-    lambd: float = 0.0025          # L2 penalty of the logistic regression, as logistic_eval.py's README command
-    final_eval: bool = False       # also evaluate before and after training (the toy preset turns it on)
+    color_jitter: float = 0.5          # strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), p 0.8
+    # optimisation (official init_opt: AdamW, lr NOT batch-scaled; the schedules span 1.25x the run)
+    batch_size: int = 64         # images per GPU per step (official 16 GPUs x 64; fewer: --accum)
+    epochs: int = 800            # passes over train/ (official ViT-S/16)
+    max_steps: int = 0           # if > 0: this many optimizer steps instead; schedules span them
+    lr: float = 1e-3             # peak lr after warm-up (official, the same at any batch size)
+    start_lr: float = 2e-4       # warm-up starts here (official)
+    final_lr: float = 1e-6       # the cosine heads here (not reached: the 1.25x horizon)
+    warmup_epochs: float = 15    # linear lr warm-up (official)
+    weight_decay: float = 0.04   # cosine INCREASE to --final-weight-decay (official); none on
+                                 # biases, norms and prototypes
+    final_weight_decay: float = 0.4  # where the weight-decay cosine heads (official)
+    momentum: float = 0.996      # EMA momentum of the target network, linear to --final-momentum
+    final_momentum: float = 1.0  # where the momentum ramp heads (official)
+    horizon: float = 1.25        # official: the schedules are laid out over 1.25x the run's steps
+    clip_grad: float = 3.0       # max grad norm of encoder + head (official; not the prototypes)
+    accum: int = 1               # gradient accumulation micro-steps per optimizer step
+    eval: bool = False           # evaluate.py's k-NN and few-shot on --data's val/, before and
+                                 # after training (the toy preset turns it on)
     # machine
-    workers: int = 8               # DataLoader processes per GPU (12 augmented views per image is CPU work)
-    device: str = "auto"           # auto | cuda | cpu
-    dtype: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    compile: bool = False          # torch.compile the model (CUDA: faster after a minute of compiling)
-    seed: int = 0
-    resume: bool = False           # continue from <out>/checkpoint.pt
-    bench: bool = False            # time a few training steps on synthetic input and exit
-    # logging
-    log_every: int = 20            # steps between log lines (and log.jsonl records)
-    ckpt_every: int = 500          # steps between checkpoints (one more at the end)
+    workers: int = 8             # DataLoader processes per GPU (12 augmented views an image)
+    device: str = "auto"         # auto | cuda | cpu
+    dtype: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False        # torch.compile the model (CUDA: faster after a minute)
+    seed: int = 0                # seed of the initial weights, the data order and every view
+    resume: bool = False         # continue from <out>/checkpoint.pt
+    bench: bool = False          # time a few training steps on synthetic input and exit
+    log_every: int = 20          # steps between log lines (and log.jsonl records)
+    ckpt_every: int = 500        # steps between checkpoints (one more at the end)
 
 
-PRESETS = {  # `python msn.py`: a real demo on a 2-core CPU (toy scenes, ~1 minute), k-NN printed before and after
-    # momentum 0.9 (-> 1): the EMA target is the network MSN evaluates, and at the official 0.996 it averages over
-    # ~1/(1 - m) = 250 steps, twice this whole 120-step run, so it would end close to its initialisation (measured:
-    # k-NN 78 -> 75 with 0.996, 78 -> 96 with 0.9). 0.996 fits the official ~1M steps; the ramp to 1 is kept.
-    "toy": dict(model="vit_tiny", patch_size=16, img_size=64, focal_size=32, focal_views=4, hidden_dim=512,
-                output_dim=128, num_proto=64, batch_size=30, epochs=20, warmup_epochs=2, momentum=0.9, workers=2,
-                log_every=10, ckpt_every=100, final_eval=True),
+PRESETS = {  # `python msn.py`: a demo on a 2-core CPU (toy scenes, ~1 min), k-NN before / after
+    # momentum 0.9 (-> 1): MSN evaluates the EMA target, and at the official 0.996 it averages over
+    # ~1/(1 - m) = 250 steps, twice this 120-step run, so it would end near its initialisation
+    # (measured: k-NN 78 -> 75 with 0.996, 78 -> 96 with 0.9). 0.996 fits the official ~1M steps.
+    "toy": dict(model="vit_tiny", patch_size=16, img_size=64, focal_size=32, focal_views=4,
+                hidden_dim=512, output_dim=128, num_proto=64, batch_size=30, epochs=20,
+                warmup_epochs=2, momentum=0.9, workers=2, log_every=10, ckpt_every=100, eval=True),
 }
 
-VIT = {  # width / depth / heads (REFERENCE §0: timm sizes); encoder params at 224 px, patch 16
-    "vit_micro": dict(dim=64, depth=2, heads=2),      # 0.1M: tests and smoke runs only, not a paper size
+VIT = {  # width / depth / heads: the timm / DeiT sizes; encoder params at 224 px, patch 16
+    "vit_micro": dict(dim=64, depth=2, heads=2),      # 0.1M: tests and smoke runs, not a paper size
     "vit_tiny": dict(dim=192, depth=12, heads=3),     # 5.5M
     "vit_small": dict(dim=384, depth=12, heads=6),    # 21.7M
     "vit_base": dict(dim=768, depth=12, heads=12),    # 85.8M
     "vit_large": dict(dim=1024, depth=24, heads=16),  # 303M
 }
 
-# Masking ratio per model. ViT-S/16 0.15 is the released config; ViT-B/4 uses 0.7 (config posted by the authors in
-# facebookresearch/msn issue #5). ViT-B/16 and ViT-L/16 follow the paper's appendix as we read it (0.3) -- uncertain,
-# hence a flag. ViT-T/16 has no official value: ViT-S/16's.
-PATCH_DROP = {"vit_micro": 0.15, "vit_tiny": 0.15, "vit_small": 0.15, "vit_base": 0.3, "vit_large": 0.3}
-
-
-def fail(msg):
-    """User-facing input error: one line naming the problem and the fix, exit code 2, nothing written."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def parse_config(argv=None):
-    """argparse built from the dataclass, so flag names cannot drift; the preset applies before explicit flags."""
-    import argparse
-    import inspect
-    import re
-    # --help text = the comment beside each field, read from this file, so it is written once
-    helps = {k: v.replace("%", "%%") for k, v in re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M)}
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        flag, kw = "--" + f.name.replace("_", "-"), dict(default=None, help=f"{helps.get(f.name, '')} (default {f.default})")
-        if f.type is bool:
-            ap.add_argument(flag, action="store_true", **kw)
-        elif f.type is tuple:
-            ap.add_argument(flag, type=type(f.default[0]), nargs=2, **kw)
-        else:
-            ap.add_argument(flag, type=f.type, **kw)
-    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
-    preset = given.get("preset") or ("toy" if not given.get("data") and not given.get("bench") else "")
-    if preset and preset not in PRESETS:
-        fail(f"unknown --preset {preset}; choose from {', '.join(PRESETS)}")
-    cfg = Config(**{**(PRESETS[preset] if preset else {}), **given, "preset": preset})
-    if preset:
-        print(f"preset {preset}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[preset].items() if k not in given))
-    cfg.crop_scale, cfg.focal_scale = tuple(cfg.crop_scale), tuple(cfg.focal_scale)
-    if cfg.patch_drop < 0 and cfg.model in PATCH_DROP:
-        cfg.patch_drop = PATCH_DROP[cfg.model]
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    if cfg.model not in VIT:
-        fail(f"unknown --model {cfg.model}; choose from {', '.join(VIT)}")
-    for name in ("img_size", "focal_size"):
-        if getattr(cfg, name) % cfg.patch_size or getattr(cfg, name) < cfg.patch_size:
-            size = getattr(cfg, name)
-            fail(f"--{name.replace('_', '-')} {size} is not divisible by --patch-size {cfg.patch_size}; "
-                 f"use e.g. {max(1, size // cfg.patch_size) * cfg.patch_size}")
-    if not 0 <= cfg.patch_drop < 1:
-        fail(f"--patch-drop {cfg.patch_drop} must be in [0, 1): it is the fraction of the anchor's patches dropped")
-    if cfg.num_proto < 2 or cfg.tau <= 0 or cfg.sharpen <= 0:
-        fail("--num-proto must be >= 2 and --tau, --sharpen > 0")
-    if cfg.batch_size < 2 and not cfg.eval:
-        fail(f"--batch-size {cfg.batch_size}: the projection head's BatchNorm needs at least 2 images per GPU")
-    if cfg.focal_views < 0 or cfg.accum < 1:
-        fail("--focal-views must be >= 0 and --accum >= 1")
-    if not (0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1 and 0 < cfg.focal_scale[0] <= cfg.focal_scale[1] <= 1):
-        fail("--crop-scale and --focal-scale take MIN MAX with 0 < MIN <= MAX <= 1 (area fractions)")
-    if cfg.dtype not in ("auto", "bf16", "fp16", "fp32") or cfg.device not in ("auto", "cuda", "cpu"):
-        fail("--dtype takes auto|bf16|fp16|fp32 and --device auto|cuda|cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA GPU is visible; use --device cpu")
-    if cfg.eval and not cfg.ckpt:
-        fail("--eval needs --ckpt PATH (a checkpoint.pt of msn.py, siammae.py or cmae.py) or --ckpt random")
+# Masking ratio per model: ViT-S/16 0.15 is the released config; ViT-B/4 0.7 (config posted by the
+# authors in facebookresearch/msn issue #5); ViT-B/16 and ViT-L/16 0.3 as we read the paper's
+# appendix (uncertain, hence a flag); ViT-T/16 has no official value: ViT-S/16's.
+PATCH_DROP = dict(vit_micro=0.15, vit_tiny=0.15, vit_small=0.15, vit_base=0.3, vit_large=0.3)
 
 
 # -----------------------------------------------------------------------------
-# ViT (timm / DeiT parameter names, so the encoder loads as a plain ViT in propagate.py, timm, DINO tools).
-# Shapes: B batch, V views, N patches per view, Nv kept patches, D width, H heads, Dh = D / H,
-#         K prototypes, E embedding (head output) width, C classes, M anchor views per image.
-# MSN's ViT differs from MAE's in two places (official src/deit.py): the position embedding is LEARNED
-# (trunc-normal std 0.02, not sin-cos), and it is resized bicubically when a view has another grid (focal crops).
+# ViT (official src/deit.py, with timm / DeiT parameter names, so it loads as a plain ViT elsewhere)
+# Unlike MAE's, its position embedding is LEARNED (trunc-normal 0.02, not sin-cos), and resized
+# bicubically for a view with another grid (the focal crops).
+# Shapes: B batch, V focal views, M = 1 + V anchor views per image, N patches per view, Nv kept
+#         patches, D width, H heads, Dh = D / H, E embedding (head output) width, K prototypes.
 
 class Attention(nn.Module):
     """Multi-head self-attention, softmax(QKᵀ/√Dh)V through F.scaled_dot_product_attention."""
@@ -216,8 +150,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh) x (B, H, Dh, N) -> (B, H, N, N) -> (B, H, N, Dh)
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
+        x = F.scaled_dot_product_attention(q, k, v)  # QKᵀ (B, H, N, N), x (B, H, N, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -243,9 +178,20 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def init_weights(m):
+    """Official init (src/deit.py, msn_train.init_model): trunc-normal(0.02) Linear weights, zero
+    biases, LayerNorm 1 / 0. BatchNorm keeps torch's 1 / 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class ViT(nn.Module):
-    """The encoder. embed() makes patch tokens (token dropping happens between the two calls); encode() runs the
-    blocks. Initialised as the official DeiT: trunc-normal(0.02) Linears, pos-embed and cls token; LayerNorm 1 / 0;
+    """The encoder: embed() makes patch tokens, encode() runs the blocks; tokens are dropped between
+    the two. Official DeiT init: init_weights, trunc-normal(0.02) pos-embed and cls token, the
     patch-embed conv Kaiming-normal (fan-in)."""
 
     def __init__(self, img_size, patch_size, dim, depth, heads):
@@ -254,7 +200,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))  # learned (official), cls slot first
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))  # cls slot first
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -264,65 +210,52 @@ class ViT(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
 
     def patch_pos_embed(self, grid):
-        """Position embedding of the patches for a grid x grid view: (1, grid², D). Another grid than the training
-        one (focal crops: 14x14 -> 6x6 at patch 16) gets the table resized bicubically (official interpolate_pos_
-        encoding; it passes scale_factor = grid/14, equal to size=(grid, grid) here because both are exact)."""
+        """(1, grid², D) patch position embedding of a grid x grid view. Another grid than the
+        training one gets the table resized bicubically (official interpolate_pos_encoding, whose
+        scale_factor = grid / 14 equals size=(grid, grid) here: both are exact)."""
         pos = self.pos_embed[:, 1:]  # (1, N, D)
         if grid == self.grid:
             return pos
         D = pos.shape[-1]
         pos = pos.reshape(1, self.grid, self.grid, D).permute(0, 3, 1, 2)  # (1, D, g, g)
-        pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)  # (1, D, grid, grid)
-        return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, D)  # (1, grid², D), row-major like the patches
+        pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, D)  # (1, grid², D), row-major
 
     def embed(self, imgs):
-        """(B, 3, S, S) -> (B, N, D) patch tokens + position, no cls. Position is added BEFORE dropping tokens."""
+        """(B, 3, S, S) -> (B, N, D) patch tokens + position (added BEFORE dropping), no cls."""
         B, C, Himg, Wimg = imgs.shape
         p = self.patch_size
-        assert Himg == Wimg and Himg % p == 0, f"expected a square input divisible by patch {p}, got {Himg}x{Wimg}"
-        x = self.patch_embed.proj(imgs).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D), row-major
+        assert Himg == Wimg and Himg % p == 0, f"need square inputs divisible by {p}: {Himg}x{Wimg}"
+        x = self.patch_embed.proj(imgs).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
         return x + self.patch_pos_embed(Himg // p)
 
-    def encode(self, x, final_norm=True):
-        """(B, Nv, D) kept tokens -> (B, 1 + Nv, D): cls (+ its own position slot) prepended, blocks, final LN.
-        final_norm=False gives the last block's raw output (MSN's evaluation features)."""
+    def encode(self, x):
+        """(B, Nv, D) kept tokens -> (B, 1 + Nv, D): cls (+ position) first, blocks, final LN."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x) if final_norm else x
+        return self.norm(x)
 
     def forward(self, imgs):
-        """Plain ViT on a whole image (no dropping): (B, 3, S, S) -> (B, 1 + N, D)."""
+        """Plain ViT on whole images: (B, 3, S, S) -> (B, 1 + N, D)."""
         return self.encode(self.embed(imgs))
 
 
-def init_weights(m):
-    """Official MSN init (src/deit.py and msn_train.init_model): trunc-normal(std 0.02) Linear weights, zero biases,
-    LayerNorm 1 / 0. BatchNorm keeps torch's 1 / 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 # -----------------------------------------------------------------------------
-# Masking (§3 "Patchify and mask"; official forward_features: token DROPPING, no mask tokens)
+# Masking (paper, "Patchify and Mask"; official forward_features: token DROPPING, no mask tokens)
 
 def num_kept(n_patches, ratio):
-    """Tokens kept out of N: floor(N·(1 − ratio)) as the official code (196 -> 166 at 0.15); the cls token is extra."""
+    """Tokens kept of N: floor(N·(1 − ratio)), as official (196 -> 166 at 0.15); cls is extra."""
     return int(math.floor(n_patches * (1 - ratio)))
 
 
 def random_masking(noise, ratio):
-    """Random token dropping from uniform noise (B, N): each sample keeps its num_kept(N, ratio) tokens with the
-    SMALLEST noise (MAE's idiom). Returns ids_keep (B, Nv) and mask (B, N) float, 1 = dropped, 0 = kept.
-    The official code draws ONE permutation for the whole local batch (torch.randperm in forward_features); we draw
-    one per sample, from noise made by the data loader, so the result does not depend on how the batch is split over
-    GPUs (1 process and 2 processes give the same training) nor on the global RNG (exact resume). Per sample the
-    distribution of kept sets is the same uniform one."""
+    """Token dropping from uniform noise (B, N): each sample keeps its num_kept(N, ratio) tokens
+    of SMALLEST noise (MAE's idiom) -> ids_keep (B, Nv), mask (B, N) float, 1 = dropped, 0 = kept.
+    The official code draws ONE permutation for the local batch (torch.randperm); we draw one per
+    sample from noise the data loader makes, so the result depends neither on the split over GPUs
+    nor on the global RNG (exact resume). Per sample, the distribution is the same uniform one."""
     B, N = noise.shape
     len_keep = num_kept(N, ratio)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first len_keep are kept
@@ -332,27 +265,28 @@ def random_masking(noise, ratio):
 
 
 def gather_tokens(x, ids):
-    """x (B, N, D), ids (B, K) -> (B, K, D)."""
+    """x (B, N, D), ids (B, Nv) -> (B, Nv, D)."""
     return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
 
 
 # -----------------------------------------------------------------------------
-# Model: anchor encoder + head, prototypes, and the target network (EMA of encoder + head) in one module, so one
-# state_dict holds all of it: encoder.*, head.*, prototypes, target_encoder.*, target_head.* (propagate.py and
-# --eval read target_encoder.* from MSN checkpoints).
+# Model (official msn_train.py init_model and target_encoder)
+# One module holds it all, so one state_dict does: encoder.*, head.*, prototypes, target_encoder.*,
+# target_head.* (propagate.py and evaluate.py read target_encoder.* from MSN checkpoints).
 
 class BatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose batch statistics span all DDP ranks. The official code converts the head to SyncBatchNorm
-    when world > 1; torch's SyncBatchNorm needs a GPU, this one also runs under gloo on CPU. Same parameters and
-    buffers as nn.BatchNorm1d; with one process it IS nn.BatchNorm1d."""
+    """BatchNorm1d whose batch statistics span all DDP ranks. The official code converts the head
+    to SyncBatchNorm when world > 1; torch's needs a GPU, this one runs under gloo on CPU too. Same
+    parameters and buffers as nn.BatchNorm1d; with one process it IS nn.BatchNorm1d."""
 
     def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not (self.training and world > 1):
             return super().forward(x)
         x = x.float()
-        stats = dist_nn.all_reduce(torch.stack([x.sum(0), (x * x).sum(0)]))  # (2, h): Σx, Σx² over all ranks;
-        n = x.shape[0] * dist.get_world_size()  # backward sums the grads over ranks, as the true gradient needs
-        mean, var = stats[0] / n, stats[1] / n - (stats[0] / n) ** 2  # biased variance normalizes (as BN)
+        stats = dist_nn.all_reduce(torch.stack([x.sum(0), (x * x).sum(0)]))  # (2, h): Σx, Σx²
+        n = x.shape[0] * world  # the backward sums the grads over ranks, as the true gradient needs
+        mean, var = stats[0] / n, stats[1] / n - (stats[0] / n) ** 2  # biased variance (as BN)
         with torch.no_grad():  # running statistics use the unbiased variance (as nn.BatchNorm1d)
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
@@ -360,20 +294,12 @@ class BatchNorm1d(nn.BatchNorm1d):
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
 
 
-class ProjectionHead(nn.Module):
-    """Official msn_train.init_model with use_bn: Linear(D,h)-BN-GELU-Linear(h,h)-BN-GELU-Linear(h,E), on the
-    final-LayerNorm'd cls token. Names fc1/bn1/fc2/bn2/fc3 as the official `fc` Sequential."""
-
-    def __init__(self, dim, hidden, out):
-        super().__init__()
-        self.fc1, self.bn1 = nn.Linear(dim, hidden), BatchNorm1d(hidden)
-        self.fc2, self.bn2 = nn.Linear(hidden, hidden), BatchNorm1d(hidden)
-        self.fc3 = nn.Linear(hidden, out)
-
-    def forward(self, x):
-        x = F.gelu(self.bn1(self.fc1(x)))
-        x = F.gelu(self.bn2(self.fc2(x)))
-        return self.fc3(x)
+def projection_head(dim, hidden, out):
+    """Official init_model with use_bn (its `fc` Sequential, its names), on the final-LN'd cls."""
+    return nn.Sequential(OrderedDict(
+        fc1=nn.Linear(dim, hidden), bn1=BatchNorm1d(hidden), gelu1=nn.GELU(),
+        fc2=nn.Linear(hidden, hidden), bn2=BatchNorm1d(hidden), gelu2=nn.GELU(),
+        fc3=nn.Linear(hidden, out)))
 
 
 class MSN(nn.Module):
@@ -382,88 +308,76 @@ class MSN(nn.Module):
         v = VIT[cfg.model]
         self.cfg = cfg
         self.encoder = ViT(cfg.img_size, cfg.patch_size, v["dim"], v["depth"], v["heads"])
-        self.head = ProjectionHead(v["dim"], cfg.hidden_dim, cfg.output_dim)
+        self.head = projection_head(v["dim"], cfg.hidden_dim, cfg.output_dim)
         self.head.apply(init_weights)
         bound = cfg.output_dim ** -0.5  # official: U(±1/√E), learned, no weight decay, not EMA'd
-        self.prototypes = nn.Parameter(torch.empty(cfg.num_proto, cfg.output_dim).uniform_(-bound, bound))
-        # The target network starts as an exact copy and then follows the EMA; it never gets gradients.
+        protos = torch.empty(cfg.num_proto, cfg.output_dim).uniform_(-bound, bound)  # (K, E)
+        self.prototypes = nn.Parameter(protos)
+        # the target network starts as an exact copy (official deepcopy), then follows the EMA
         self.target_encoder = ViT(cfg.img_size, cfg.patch_size, v["dim"], v["depth"], v["heads"])
-        self.target_head = ProjectionHead(v["dim"], cfg.hidden_dim, cfg.output_dim)
+        self.target_head = projection_head(v["dim"], cfg.hidden_dim, cfg.output_dim)
         self.target_encoder.load_state_dict(self.encoder.state_dict())
         self.target_head.load_state_dict(self.head.state_dict())
         for p in self.target_parameters():
             p.requires_grad_(False)
 
     def online_parameters(self):
-        """What the EMA follows and what grad clipping covers: encoder + head (official `encoder` incl. its fc)."""
+        """What the EMA follows and grad clipping covers: encoder + head (official `encoder`)."""
         return list(self.encoder.parameters()) + list(self.head.parameters())
 
     def target_parameters(self):
         return list(self.target_encoder.parameters()) + list(self.target_head.parameters())
 
-    def anchor_embeddings(self, anchor, focal, noise):
-        """anchor (B, 3, S, S) with its drop noise (B, N); focal (B, V, 3, s, s) -> (M·B, E), M = 1 + V, view-major
-        (all images' view 0, then all images' view 1, ...). One encoder batch per resolution, as the official
-        forward; the head's BatchNorm therefore sees each resolution as its own batch, as in the official code."""
+    def forward(self, target, anchor, focal, noise):
+        """target, anchor (B, 3, S, S), the anchor's drop noise (B, N), focal (B, V, 3, s, s) ->
+        anchor embeddings (M·B, E), view-major (every image's view 0, then view 1, ...), target
+        embeddings (B, E). One encoder batch per resolution, as official, so the head's BatchNorm
+        sees each as its own batch. The target network stays in train mode (batch statistics): the
+        official target_encoder is never put in eval mode."""
         ids_keep, _ = random_masking(noise, self.cfg.patch_drop)
         x = gather_tokens(self.encoder.embed(anchor), ids_keep)  # (B, N, D) -> (B, Nv, D)
         z = [self.head(self.encoder.encode(x)[:, 0])]  # (B, E)
         if focal.shape[1]:
-            f = focal.transpose(0, 1).flatten(0, 1)  # (B, V, 3, s, s) -> (V·B, 3, s, s), view-major like the targets
+            f = focal.transpose(0, 1).flatten(0, 1)  # (B, V, 3, s, s) -> (V·B, 3, s, s), view-major
             z.append(self.head(self.encoder(f)[:, 0]))  # (V·B, E)
-        return torch.cat(z)  # (M·B, E)
-
-    @torch.no_grad()
-    def target_embeddings(self, target):
-        """target (B, 3, S, S) unmasked -> (B, E) through the EMA network. It stays in train mode (BatchNorm uses
-        batch statistics), as the official target_encoder which is never put in eval mode."""
-        return self.target_head(self.target_encoder(target)[:, 0])
-
-    def forward(self, target, anchor, focal, noise):
-        """Returns the loss and its terms (a dict of detached scalars + the targets' prototype assignments)."""
-        z = self.anchor_embeddings(anchor, focal, noise)  # (M·B, E)
-        h = self.target_embeddings(target)  # (B, E)
-        with torch.autocast(z.device.type, enabled=False):  # official: representations converted to fp32 first
-            return msn_loss(z.float(), h.float(), self.prototypes.float(), self.cfg.tau, self.cfg.sharpen,
-                            self.cfg.memax_weight, self.cfg.ent_weight, sinkhorn_iters=0 if self.cfg.no_sinkhorn else 3)
+        with torch.no_grad():
+            h = self.target_head(self.target_encoder(target)[:, 0])  # (B, E)
+        return torch.cat(z), h  # (M·B, E), (B, E)
 
 
 @torch.no_grad()
 def ema_update(online, target, m):
-    """θ̄ ← m·θ̄ + (1 − m)·θ for each parameter pair (DINO's three lines). Buffers (BatchNorm running statistics)
-    are not averaged: each network keeps its own, as the official code."""
+    """θ̄ ← m·θ̄ + (1 − m)·θ for each parameter pair (DINO's three lines). Buffers (BatchNorm
+    running statistics) are not averaged: each network keeps its own, as the official code."""
     for p, t in zip(online, target):
         t.mul_(m).add_(p.detach(), alpha=1 - m)
 
 
 # -----------------------------------------------------------------------------
-# Losses (§3 "Similarity metric and predictions", "Training objective"; official src/losses.py)
+# Loss (paper, Method: "Similarity Metric and Predictions", the objective; official src/losses.py)
+# p = softmax over the K prototypes of cosine similarity / τ. Each anchor's p must match the
+# sharpened p⁺ of its image's target, while the mean anchor prediction p̄ stays spread (ME-MAX).
 
 def predictions(z, prototypes, tau):
-    """p = softmax( ẑ · q̂ᵀ / τ ), §3 Eq. (1): cosine similarity of the L2-normalized embedding ẑ to each
-    L2-normalized prototype q̂. BOTH sides are normalized (official snn()). z (n, E), prototypes (K, E) -> (n, K)."""
-    return F.softmax(F.normalize(z, dim=-1) @ F.normalize(prototypes, dim=-1).T / tau, dim=-1)  # (n, E) x (E, K)
+    """p = softmax(ẑ · q̂ᵀ / τ): the cosine similarity of the L2-normalized embedding ẑ to each
+    L2-normalized prototype q̂ (BOTH normalized: official snn()). z (n, E), q (K, E) -> (n, K)."""
+    return F.softmax(F.normalize(z, dim=-1) @ F.normalize(prototypes, dim=-1).T / tau, dim=-1)
 
 
 def sharpen(p, T):
-    """ρ(p)_k = p_k^(1/T) / Σ_j p_j^(1/T) (§3 "target sharpening"); T = 1 is the identity, T < 1 peaks p."""
+    """ρ(p)_k = p_k^(1/T) / Σ_j p_j^(1/T) (official sharpen): T = 1 is the identity, T < 1 peaks."""
     p = p ** (1.0 / T)
     return p / p.sum(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
 def sinkhorn(Q, iters=3):
-    """Sinkhorn-Knopp balancing of the targets (official distributed_sinkhorn, 3 iterations; the paper's text does
-    not mention it, the released config turns it on). Q (B, K) -> (B, K): each row still sums to 1, and each column
-    (prototype) is pushed towards the uniform share B_total / K. Sums run over all ranks."""
+    """Sinkhorn-Knopp balancing of the targets (official distributed_sinkhorn, 3 iterations; not in
+    the paper's text, on in the released config). Q (B, K) -> (B, K): rows still sum to 1, columns
+    (prototypes) are pushed towards the uniform share B_total / K. Sums span all ranks."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    Q = Q.clone()
-    B, K = Q.shape[0] * world, Q.shape[1]
-
-    def all_sum(x):
-        if world > 1:
-            dist.all_reduce(x)
-        return x
+    all_sum = (lambda x: dist.all_reduce(x) or x) if world > 1 else (lambda x: x)  # in place
+    Q, B, K = Q.clone(), Q.shape[0] * world, Q.shape[1]
     Q /= all_sum(Q.sum())  # total mass 1
     for _ in range(iters):
         Q /= all_sum(Q.sum(dim=0, keepdim=True))  # (1, K): each prototype gets mass 1/K ...
@@ -473,16 +387,10 @@ def sinkhorn(Q, iters=3):
     return Q * B  # rows sum to 1: an assignment per sample
 
 
-def cross_entropy(targets, log_p):
-    """H(t, p) = −Σ_k t_k log p_k per row."""
-    return -(targets * log_p).sum(dim=-1)
-
-
 def mean_prediction(probs):
-    """p̄ = mean of the anchor predictions over the batch, across all ranks too (official AllReduce: average in the
-    forward, gradient passed through). Here an autograd all-reduce sums the gradient over ranks; since every rank
-    computes the same ME-MAX term, that equals the official pass-through, and DDP's averaging then gives the true
-    gradient of the global p̄."""
+    """p̄ = the mean anchor prediction over the batch and all ranks (official AllReduce: average
+    forward, gradient passed through). This autograd all-reduce sums the gradient over ranks; every
+    rank computing the same ME-MAX term, that is the pass-through once DDP averages gradients."""
     p_mean = probs.mean(dim=0)  # (K,)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         p_mean = dist_nn.all_reduce(p_mean) / dist.get_world_size()
@@ -490,77 +398,62 @@ def mean_prediction(probs):
 
 
 def memax(p_mean):
-    """ME-MAX regulariser: Σ_k p̄_k log p̄_k + log K = log K − H(p̄) >= 0; 0 for a uniform p̄, log K for a one-hot p̄."""
+    """ME-MAX: Σ_k p̄_k log p̄_k + log K = log K − H(p̄) >= 0; 0 for a uniform p̄, log K one-hot."""
     return torch.special.xlogy(p_mean, p_mean).sum() + math.log(p_mean.shape[-1])
 
 
-def msn_loss(anchor_z, target_z, prototypes, tau=0.1, T=0.25, memax_weight=1.0, ent_weight=0.0, sinkhorn_iters=3):
-    """MSN objective, Assran et al. 2022, §3 Eq. (2):  (1/MB) Σ_i Σ_m H(ρ(p⁺_i), p_i,m) − λ H(p̄)
-    implemented as the official code: + λ log K (a constant that makes the term >= 0), Sinkhorn on the targets,
-    and an optional per-sample entropy term (weight 0 in the released config).
-    anchor_z (M·B, E) view-major, target_z (B, E), prototypes (K, E). Gradients reach the anchors and the
-    prototypes through the anchor predictions only; the targets are computed under no_grad.
-    Returns (loss, stats): stats holds detached ce, memax, ent_mean = H(p̄), ent, and assign (B,) = argmax of the
-    targets (to count the prototypes in use)."""
+def msn_loss(anchor_z, target_z, prototypes, tau=0.1, T=0.25, memax_weight=1.0, ent_weight=0.0,
+             sinkhorn_iters=3):
+    """The MSN objective (paper, Method):  (1/MB) Σ_i Σ_m H(ρ(p⁺_i), p_i,m) − λ H(p̄),  as the
+    official code: + λ log K (a constant: the term is >= 0), Sinkhorn on the targets, and a
+    per-sample entropy term (weight 0 in the released config). anchor_z (M·B, E) view-major,
+    target_z (B, E), prototypes (K, E); the targets are computed under no_grad. -> (loss, stats):
+    the detached ce, memax, ent_mean = H(p̄), and usage (K,): the targets' argmax counts."""
     M = anchor_z.shape[0] // target_z.shape[0]
-    logits = F.normalize(anchor_z, dim=-1) @ F.normalize(prototypes, dim=-1).T / tau  # (M·B, K): Eq. (1) before softmax
-    log_p = F.log_softmax(logits, dim=-1)  # log p_i,m
+    logits = F.normalize(anchor_z, dim=-1) @ F.normalize(prototypes, dim=-1).T / tau  # (M·B, K)
+    log_p = F.log_softmax(logits, dim=-1)  # log p_i,m: the anchor predictions
     probs = log_p.exp()
     with torch.no_grad():
         targets = sharpen(predictions(target_z, prototypes.detach(), tau), T)  # ρ(p⁺_i): (B, K)
         if sinkhorn_iters:
             targets = sinkhorn(targets, sinkhorn_iters)
-        targets = targets.repeat(M, 1)  # (M·B, K): row m·B + i is image i's target, lined up with the anchors (cat)
-    ce = cross_entropy(targets, log_p).mean()  # (1/MB) Σ H(ρ(p⁺_i), p_i,m)
+        usage = F.one_hot(targets.argmax(dim=-1), targets.shape[1]).sum(dim=0)  # (K,)
+        targets = targets.repeat(M, 1)  # (M·B, K): row m·B + i is image i's, as the anchors
+    ce = -(targets * log_p).sum(dim=-1).mean()  # (1/MB) Σ H(ρ(p⁺_i), p_i,m)
     p_mean = mean_prediction(probs)  # p̄ (K,)
     reg = memax(p_mean)  # log K − H(p̄)
-    ent = cross_entropy(probs, log_p).mean()  # mean per-sample entropy H(p_i,m) (official "use_ent", weight 0)
-    loss = ce + memax_weight * reg + ent_weight * ent
-    stats = dict(ce=ce.detach(), memax=reg.detach(), ent_mean=math.log(p_mean.shape[0]) - reg.detach(),
-                 ent=ent.detach(), assign=targets[:target_z.shape[0]].argmax(dim=-1))
-    return loss, stats
+    loss = ce + memax_weight * reg
+    if ent_weight:  # + the mean per-sample entropy H(p_i,m) (official use_ent)
+        loss = loss - ent_weight * (probs * log_p).sum(dim=-1).mean()
+    ent_mean = math.log(p_mean.shape[0]) - reg.detach()
+    return loss, dict(ce=ce.detach(), memax=reg.detach(), ent_mean=ent_mean, usage=usage)
 
 
 # -----------------------------------------------------------------------------
-# Data: multi-crop views of ImageFolder images (official make_transforms), made with torchvision's transforms.
-# All randomness of a sample (every view's crop, flip, colour, blur, and the anchor's drop noise) comes from a seed
-# made of (seed, epoch, image index), so the data does not depend on worker count, rank count or resuming.
+# Data (official data_manager.make_transforms, with torchvision's transforms)
+# All randomness of a sample (each view's crop, flip, colour, blur, the anchor's drop noise) comes
+# from a seed made of (seed, epoch, image index): the same data at any worker or rank count, or
+# after a resume.
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
-BLUR_KERNEL = 13  # covers ±3σ at the largest σ = 2; the official code blurs with PIL's GaussianBlur(radius = σ)
+BLUR_KERNEL = 13  # ±3σ at the largest σ = 2; the official code uses PIL's GaussianBlur(radius σ)
 
 
 def view_transform(size, scale, s):
-    """One random view (official make_transforms): RandomResizedCrop (torchvision's default bilinear, as official),
-    h-flip, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5.
-    PIL in, uint8 (3, size, size) out; normalization happens on the device."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=scale),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))], p=0.5),
-        T.PILToTensor(),
-    ])
-
-
-def image_folder(root, split):
-    """torchvision ImageFolder of root/split with a clear error when it is missing or empty."""
-    path = os.path.join(root, split)
-    if not os.path.isdir(root):
-        fail(f"--data {root} does not exist; pass an ImageFolder root with train/ and val/ (e.g. imagenet/)")
-    if not os.path.isdir(path):
-        fail(f"--data {root} has no {split}/ folder; it must hold {split}/<class>/<image> (ImageFolder layout)")
-    try:
-        return torchvision.datasets.ImageFolder(path)
-    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no image files in them
-        fail(f"{path} holds no images in class folders ({str(e).splitlines()[0][:80]}); use the ImageFolder layout")
+    """One random view (official make_transforms): RandomResizedCrop (bilinear, as official),
+    h-flip, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2]
+    p 0.5. PIL in, uint8 (3, size, size) out; normalization happens on the device."""
+    return T.Compose([T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
+                      T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+                      T.RandomGrayscale(p=0.2),
+                      T.RandomApply([T.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))], p=0.5),
+                      T.PILToTensor()])
 
 
 class MultiViewImages(torch.utils.data.Dataset):
-    """Item (image index, epoch) -> target (3, S, S), anchor (3, S, S), focal (V, 3, s, s) uint8 and the anchor's
-    drop noise (N,). The target and the masked anchor are two independent draws of the same transform (official
-    rand_views + 1 = 2 "rand" views, view 0 is the target)."""
+    """(image index, epoch) -> uint8 target (3, S, S), anchor (3, S, S), focal (V, 3, s, s) and the
+    anchor's drop noise (N,). Target and masked anchor are two draws of one transform (official
+    rand_views + 1 = 2 "rand" views, view 0 the target)."""
 
     def __init__(self, folder, cfg):
         self.samples, self.loader, self.cfg = folder.samples, folder.loader, cfg
@@ -572,58 +465,87 @@ class MultiViewImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         idx, epoch = key
-        img = self.loader(self.samples[idx][0])  # PIL RGB
-        c = self.cfg
-        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global torch RNG
+        img, c = self.loader(self.samples[idx][0]), self.cfg  # PIL RGB
+        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global RNG
             torch.manual_seed(hash((c.seed, epoch, idx)) & 0xFFFF_FFFF)
             target, anchor = self.rand(img), self.rand(img)
-            focal = torch.stack([self.focal(img) for _ in range(c.focal_views)]) if c.focal_views else \
-                torch.zeros(0, 3, c.focal_size, c.focal_size, dtype=torch.uint8)
+            s = c.focal_size
+            focal = torch.stack([self.focal(img) for _ in range(c.focal_views)]) if c.focal_views \
+                else torch.zeros(0, 3, s, s, dtype=torch.uint8)
             noise = torch.rand((c.img_size // c.patch_size) ** 2)
         return target, anchor, focal, noise
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """DistributedSampler's split (one seeded permutation per epoch, rank r takes every world-th index), able to start
-    mid-epoch after a resume. Yields (image index, epoch) keys."""
+    """DistributedSampler's split (one seeded permutation per epoch, rank r takes every world-th index), able
+    to start mid-epoch after a resume. Yields (image index, epoch) keys."""
 
-    def __init__(self, n, batch_size, seed, rank=0, world=1):
-        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+    def __init__(self, n, batch, seed, rank=0, world=1):
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
         self.epoch, self.start_batch = 0, 0
-        self.batches = n // (world * batch_size)  # drop the ragged end, as drop_last does
+        self.batches = n // (world * batch)  # drop the ragged end, as drop_last does
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[:self.batches * self.world * self.bs]
-        mine = perm[self.rank::self.world][self.start_batch * self.bs:]
+        perm = torch.randperm(self.n, generator=g)[:self.batches * self.world * self.batch]
+        mine = perm[self.rank::self.world][self.start_batch * self.batch:]
         return iter([(int(i), self.epoch) for i in mine])
 
     def __len__(self):
-        return (self.batches - self.start_batch) * self.bs
+        return (self.batches - self.start_batch) * self.batch
 
 
-def normalize(x, device):
-    """uint8 (..., 3, S, S) -> normalized float on the device."""
-    x = x.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(STD, device=device).view(3, 1, 1)
-    return (x - mean) / std
+def data_root(cfg):
+    """The ImageFolder root: --data, or the toy images (toydata.py makes them on first use)."""
+    if cfg.data:
+        return cfg.data
+    import toydata
+    return os.path.join(toydata.ensure_toy_data(), "images")
+
+
+def make_loader(cfg, rank, world, device, print0):
+    """The multi-view loader of <root>/train, with a clear error when the folder is unusable."""
+    root = data_root(cfg)
+    path = os.path.join(root, "train")
+    if not os.path.isdir(path):
+        fail(f"--data {root} does not exist; pass an ImageFolder root with train/ and val/"
+             if not os.path.isdir(root) else f"--data {root} has no train/ folder; it must hold "
+             f"train/<class>/<image> (the ImageFolder layout)")
+    try:
+        folder = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
+        fail(f"{path} holds no images in class folders ({str(e).splitlines()[0][:80]}); use the "
+             f"ImageFolder layout")
+    sampler = EpochSampler(len(folder), cfg.batch_size, cfg.seed, rank, world)
+    if sampler.batches == 0:
+        fail(f"{len(folder)} images are fewer than one step needs ({world} x {cfg.batch_size}); "
+             f"lower --batch-size")
+    loader = torch.utils.data.DataLoader(
+        MultiViewImages(folder, cfg), batch_size=cfg.batch_size, sampler=sampler,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)
+    print0(f"data {path}: {len(folder)} images, {len(folder.classes)} classes (labels unused), "
+           f"{sampler.batches} steps per epoch of {world} x {cfg.batch_size} images")
+    return loader, sampler
 
 
 def to_model_input(batch, device):
-    target, anchor, focal, noise = batch
-    return normalize(target, device), normalize(anchor, device), normalize(focal, device), noise.to(device)
+    """uint8 views from the loader -> normalized float on the device; the noise as it is."""
+    mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (MEAN, STD))
+    *views, noise = (x.to(device, non_blocking=True) for x in batch)
+    return *((v.float().div_(255) - mean) / std for v in views), noise
 
 
 # -----------------------------------------------------------------------------
-# Schedules: pure functions of the optimizer step (no generator to replay on resume). Official shapes, all laid out
-# over horizon = int(1.25 x total steps), so the run stops at 80 % of each: lr does not reach final_lr, wd stops near
-# 0.366, momentum near 0.9992. (The official schedulers are stepped before the update, so its first update uses the
-# value one step in; here step 0 uses the start value.)
+# Schedule (official src/utils.py WarmupCosineSchedule, CosineWDSchedule; msn_train.py's momentum)
+# Pure functions of the optimizer step, so nothing is replayed on resume. All span horizon =
+# int(1.25 x total steps): the run stops at 80 % of each (lr short of final_lr, wd near 0.366,
+# momentum near 0.9992). The official schedulers are stepped before the update, so its first update
+# uses the value one step in; here step 0 uses the start value.
 
 def lr_at(step, warmup, horizon, start, peak, final):
-    """1) linear warm-up start -> peak over `warmup` steps; 2) half-cycle cosine peak -> final over [warmup, horizon]
-    (official WarmupCosineSchedule)."""
+    """1) linear warm-up start -> peak over `warmup` steps; 2) half-cycle cosine peak -> final over
+    [warmup, horizon] (official WarmupCosineSchedule)."""
     if step < warmup:
         return start + (peak - start) * step / warmup
     t = min(1.0, (step - warmup) / max(1, horizon - warmup))
@@ -631,32 +553,31 @@ def lr_at(step, warmup, horizon, start, peak, final):
 
 
 def cosine_at(step, horizon, start, end):
-    """Half-cycle cosine start -> end over `horizon` steps; used for the weight-decay INCREASE 0.04 -> 0.4
+    """Half-cycle cosine start -> end over `horizon` steps: the weight-decay INCREASE 0.04 -> 0.4
     (official CosineWDSchedule)."""
     t = min(1.0, step / horizon)
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def linear_at(step, horizon, start, end):
-    """Linear ramp start -> end over `horizon` steps; the EMA momentum 0.996 -> 1 (official momentum_scheduler)."""
+    """Linear ramp start -> end over `horizon` steps: the EMA momentum 0.996 -> 1 (official)."""
     return start + (end - start) * min(1.0, step / horizon)
 
 
 def param_groups(model, weight_decay):
-    """Official init_opt: weight decay on >= 2-D weights (incl. cls token and pos-embed), none on biases and norm
-    parameters (1-D), and a separate no-decay group for the prototypes. `scheduled` marks the group whose decay the
-    cosine schedule sets."""
+    """Official init_opt: decay on >= 2-D weights (cls token and pos-embed too), none on biases and
+    norms (1-D), a no-decay group for the prototypes; the schedule sets the `scheduled` group's."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n != "prototypes"]
-    decay = [p for n, p in named if p.ndim >= 2]
-    no_decay = [p for n, p in named if p.ndim < 2]
+    decay, no_decay = [p for n, p in named if p.ndim >= 2], [p for n, p in named if p.ndim < 2]
     return [dict(params=decay, weight_decay=weight_decay, scheduled=True),
             dict(params=no_decay, weight_decay=0.0, scheduled=False),
             dict(params=[model.prototypes], weight_decay=0.0, scheduled=False)]
 
 
 # -----------------------------------------------------------------------------
-# Checkpointing: one dict with everything to continue exactly; written atomically (temp file + rename)
+# Checkpoint: one dict with everything to continue exactly, written atomically (temp file + rename)
 
+SOURCE_SHA = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:12]
 ARCH_KEYS = ("model", "patch_size", "img_size", "hidden_dim", "output_dim", "num_proto")
 
 
@@ -667,27 +588,24 @@ def atomic_write_text(path, text):
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, cfg):
-    """model = the whole MSN module: encoder.*, head.*, prototypes, target_encoder.*, target_head.* (the target
-    network lives in the same state dict, so no separate key is needed); prototypes again under their own key."""
-    state = dict(method="msn", model=model.state_dict(), prototypes=model.prototypes.detach().clone(),
-                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                 config=dataclasses.asdict(cfg), source_sha256=SOURCE_SHA,
-                 rng=dict(torch=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    """model = the whole MSN module: encoder, head, prototypes and the target network."""
+    rng = dict(torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    state = dict(method="msn", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                 scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg),
+                 source_sha256=SOURCE_SHA, rng=rng)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, model, optimizer, scaler, cfg):
-    """Restore everything; returns the step to continue from. Refuses a checkpoint of another architecture."""
-    if not os.path.exists(path):
-        fail(f"--resume but there is no checkpoint at {path}; drop --resume or point --out at the run's folder")
+    """Restores everything; returns the step to continue from. Refuses another architecture's."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    theirs = state.get("config", {})
-    diff = [f"{k}={theirs.get(k)} (you: {getattr(cfg, k)})" for k in ARCH_KEYS if theirs.get(k) != getattr(cfg, k)]
+    theirs, ours = state.get("config", {}), dataclasses.asdict(cfg)
+    diff = [f"{k}={theirs.get(k)} (you: {ours[k]})" for k in ARCH_KEYS if theirs.get(k) != ours[k]]
     if state.get("method") != "msn" or diff:
-        fail(f"{path} is a checkpoint of another architecture: {', '.join(diff) or state.get('method')}; "
-             f"pass the same flags or another --out")
+        fail(f"{path} is a checkpoint of another architecture: "
+             f"{', '.join(diff) or state.get('method')}; pass the same flags or another --out")
     model.load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -698,176 +616,290 @@ def load_checkpoint(path, model, optimizer, scaler, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: label-efficient classification on frozen features (the paper's point, §5.1).
-#
-# Protocol (cmae.py implements the same one independently; keep them in step):
-#   encoder   msn.py checkpoint -> target_encoder.* (the EMA network, as the official logistic_eval.py loads);
-#             siammae.py / cmae.py checkpoint -> encoder.*; "random" -> a freshly initialised --model (seed --seed).
-#             Architecture (model, patch_size, img_size) from the checkpoint's config.
-#   images    --data's train/ and val/ (ImageFolder); shorter side -> round(S·256/224) bicubic, centre crop S,
-#             ImageNet mean/std. No augmentation.
-#   features  the cls token output of the LAST BLOCK BEFORE the final LayerNorm (official forward_blocks, as
-#             logistic_eval.py), L2-normalized.
-#   k-NN      k = min(20, #train), cosine similarity, votes weighted exp(cos / 0.07) (DINO's weighted k-NN), top-1 %.
-#   few-shot  n = 1, 2, 5 train images per class, 5 seeded draws each; multinomial logistic regression without bias
-#             on the L2-normalized features, minimising mean CE + (λ/n_train)/2 · ‖W‖², λ = 0.0025: cyanure's
-#             objective with the lambd / len(embs) scaling of logistic_eval.py and the λ of its README command
-#             (the official also subtracts each feature vector's own mean before normalizing; we do not, so the
-#             protocol stays "L2-normalized features" across our three methods). Full-batch L-BFGS in float64.
-#             Top-1 % on the whole val split, mean ± std over the draws.
+# Train loop
 
-SHOTS = (1, 2, 5)
+def forward_loss(model, prototypes, batch, cfg, ctx):
+    """One micro-batch -> (loss, stats): the embeddings under autocast, the loss in fp32 outside it
+    (official msn_train.py "Step 1. convert representations to fp32")."""
+    with ctx:
+        z, h = model(*batch)  # (M·B, E), (B, E)
+    return msn_loss(z.float(), h.float(), prototypes.float(), cfg.tau, cfg.sharpen,
+                    cfg.memax_weight, cfg.ent_weight, sinkhorn_iters=3 if cfg.sinkhorn else 0)
 
 
-def eval_transform(img_size):
-    return T.Compose([T.Resize(round(img_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+def evaluate_target(model, cfg, device, desc):
+    """evaluate.py on the EMA target encoder, the one MSN evaluates (official logistic_eval.py)."""
+    import evaluate  # here: msn.py runs without evaluate.py unless --eval
+    return evaluate.evaluate_vit(model.target_encoder.state_dict(), cfg.img_size, data_root(cfg),
+                                 device, desc, workers=min(cfg.workers, 4),
+                                 heads=VIT[cfg.model]["heads"])
 
 
-@torch.inference_mode()
-def extract_features(vit, folder, device, batch_size=64, workers=0):
-    """(n, D) L2-normalized cls features before the final LayerNorm, and the labels (n,)."""
-    loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, num_workers=workers)
-    feats, labels = [], []
-    vit.eval()
-    for imgs, y in loader:
-        h = vit.encode(vit.embed(imgs.to(device)), final_norm=False)[:, 0]  # (b, D): cls of the last block, pre-LN
-        feats.append(F.normalize(h.float(), dim=-1).cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+def main(argv=None):
+    cfg = parse_config(argv)
+    device, ctx, dtype, rank, world, print0 = setup_device(cfg)
+    torch.manual_seed(cfg.seed)  # the same init on every rank; the data has its own seeds
+    model = MSN(cfg).to(device)
+    n_enc, n_head = (sum(p.numel() for p in m.parameters()) for m in (model.encoder, model.head))
+    print0(f"MSN {cfg.model}/{cfg.patch_size} encoder {n_enc / 1e6:.2f}M params | head "
+           f"{cfg.hidden_dim}-{cfg.hidden_dim}-{cfg.output_dim} {n_head / 1e6:.2f}M | "
+           f"{cfg.num_proto} prototypes | target = EMA copy")
+    if cfg.bench:
+        return bench(cfg, model, device, ctx, dtype)
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    if os.path.exists(ckpt_path) and not cfg.resume:
+        fail(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        fail(f"--resume but there is no checkpoint at {ckpt_path}; drop --resume or fix --out")
+    loader, sampler = make_loader(cfg, rank, world, device, print0)
 
+    # optimizer and schedules (official init_opt: AdamW, torch's default betas; lr not batch-scaled)
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, fused=True)  # fused: 3x foreach, on CPU too
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+    steps_per_epoch = sampler.batches // cfg.accum
+    if steps_per_epoch == 0:
+        fail(f"--accum {cfg.accum} exceeds the {sampler.batches} batches of an epoch; lower it")
+    total = cfg.max_steps or round(cfg.epochs * steps_per_epoch)
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    horizon = int(cfg.horizon * total)
+    eff_batch, N = cfg.batch_size * cfg.accum * world, (cfg.img_size // cfg.patch_size) ** 2
+    n_decay, n_off = (sum(p.numel() for p in g["params"]) for g in groups[:2])
+    print0(f"effective batch {eff_batch} images ({world} x {cfg.batch_size} x accum {cfg.accum}) | "
+           f"lr {cfg.start_lr:.2e} -> {cfg.lr:.2e} -> {cfg.final_lr:.2e} | {total} steps, {warmup} "
+           f"warm-up, schedules over {horizon} | wd {cfg.weight_decay} -> "
+           f"{cfg.final_weight_decay} on {n_decay / 1e6:.2f}M params, off on {n_off / 1e3:.1f}K + "
+           f"prototypes | patch drop {cfg.patch_drop}: {num_kept(N, cfg.patch_drop)} of {N} kept")
+    step = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg) if cfg.resume else 0
+    if cfg.resume:
+        print0(f"resumed from {ckpt_path} at step {step}")
+    print0("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    evals = dict(before=None)  # -> <out>/eval.json: evaluate.py's results at step 0 and at the end
+    if cfg.eval and rank == 0 and step == 0:
+        evals["before"] = evaluate_target(model, cfg, device, "msn target_encoder step 0")
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-def knn_top1(train_x, train_y, val_x, val_y, num_classes, k=20, temp=0.07):
-    """Weighted k-NN (DINO): each of the k most cosine-similar train features votes for its class with weight
-    exp(cos / temp); top-1 accuracy in %."""
-    k = min(k, train_x.shape[0])
-    sim = val_x @ train_x.T  # (n_val, D) x (D, n_train) -> (n_val, n_train)
-    top_sim, top_idx = sim.topk(k, dim=1)  # (n_val, k)
-    votes = torch.zeros(val_x.shape[0], num_classes).scatter_add_(1, train_y[top_idx], (top_sim / temp).exp())
-    return 100.0 * (votes.argmax(dim=1) == val_y).float().mean().item()
-
-
-def fit_logistic(x, y, num_classes, lambd, max_iter=200):
-    """Multinomial logistic regression, no intercept: W = argmin (1/n) Σ_i CE(W x_i, y_i) + (λ/n)/2 ‖W‖²
-    (cyanure 'multiclass-logistic', penalty l2, lambd / n as logistic_eval.py). Full-batch L-BFGS, float64."""
-    x, n = x.double(), x.shape[0]
-    W = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ W.T, y) + 0.5 * (lambd / n) * W.pow(2).sum()  # (n, D) x (D, C) -> (n, C)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return W.detach()
-
-
-def few_shot_top1(train_x, train_y, val_x, val_y, num_classes, shots, draws, lambd, seed):
-    """For each draw: n random train images per class (seeded by (seed, n, draw)), fit, top-1 % on all of val."""
-    accs, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: on a busy 2-core CPU one thread fits 25x faster (measured: 0.1 vs 2.7 s)
-    try:
-        for d in range(draws):
-            g = torch.Generator().manual_seed(hash((seed, shots, d)) & 0xFFFF_FFFF)
-            pick = torch.cat([idx[torch.randperm(len(idx), generator=g)[:shots]]
-                              for idx in (torch.nonzero(train_y == c).flatten() for c in range(num_classes))])
-            W = fit_logistic(train_x[pick], train_y[pick], num_classes, lambd)
-            accs.append(100.0 * ((val_x.double() @ W.T).argmax(dim=1) == val_y).float().mean().item())
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.mean(accs), statistics.pstdev(accs), accs
-
-
-def load_eval_encoder(cfg):
-    """The encoder to evaluate and a description: from an msn/siammae/cmae checkpoint, or a random one."""
-    if cfg.ckpt == "random":
-        torch.manual_seed(cfg.seed)  # the same init the MSN encoder gets at step 0 (it is built first)
-        v = VIT[cfg.model]
-        return ViT(cfg.img_size, cfg.patch_size, v["dim"], v["depth"], v["heads"]), f"random {cfg.model}", cfg
-    if not os.path.isfile(cfg.ckpt):
-        fail(f"--ckpt {cfg.ckpt} does not exist; pass a checkpoint.pt of msn.py, siammae.py or cmae.py, or random")
-    try:
-        state = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"--ckpt {cfg.ckpt} cannot be read as a torch checkpoint ({type(e).__name__}); pass a checkpoint.pt")
-    state = state if isinstance(state, dict) else {}
-    method, conf = state.get("method"), state.get("config") or {}
-    prefix = "target_encoder." if method == "msn" else "encoder."  # MSN evaluates its EMA network (official)
-    weights = {k[len(prefix):]: v for k, v in (state.get("model") or {}).items() if k.startswith(prefix)}
-    if method not in ("msn", "siammae", "cmae") or not weights or conf.get("model") not in VIT:
-        fail(f"--ckpt {cfg.ckpt} is not a checkpoint of msn.py, siammae.py or cmae.py (method {method!r})")
-    cfg = dataclasses.replace(cfg, model=conf["model"], patch_size=conf["patch_size"], img_size=conf["img_size"])
-    v = VIT[cfg.model]
-    vit = ViT(cfg.img_size, cfg.patch_size, v["dim"], v["depth"], v["heads"])
-    vit.load_state_dict(weights, strict=True)
-    return vit, f"{method} {prefix[:-1]} step {state.get('step')}", cfg
-
-
-def evaluate(vit, cfg, device, desc, print0=print, write=True):
-    """Runs the protocol above on --data (toy images by default); prints one table, writes <out>/eval.json."""
-    root = cfg.data or os.path.join(toy_root(), "images")
-    train, val = image_folder(root, "train"), image_folder(root, "val")
-    if train.classes != val.classes:
-        fail(f"{root}/train and {root}/val have different class folders; they must list the same classes")
-    C = len(train.classes)
-    counts = torch.bincount(torch.tensor(train.targets), minlength=C)
-    if counts.min().item() < max(SHOTS):
-        fail(f"{root}/train has a class with {counts.min().item()} images; few-shot needs >= {max(SHOTS)} per class")
-    t0 = time.perf_counter()
-    train.transform = val.transform = eval_transform(cfg.img_size)
-    vit = vit.to(device)
-    tx, ty = extract_features(vit, train, device, workers=min(cfg.workers, 4))
-    vx, vy = extract_features(vit, val, device, workers=min(cfg.workers, 4))
-    res = dict(ckpt=cfg.ckpt, encoder=desc, model=cfg.model, patch_size=cfg.patch_size, img_size=cfg.img_size,
-               data=root, n_train=len(train), n_val=len(val), classes=C,
-               knn_top1=knn_top1(tx, ty, vx, vy, C, cfg.knn_k, cfg.knn_temp))
-    for n in SHOTS:
-        mean, std, accs = few_shot_top1(tx, ty, vx, vy, C, n, cfg.draws, cfg.lambd, cfg.seed)
-        res[f"{n}shot_mean"], res[f"{n}shot_std"], res[f"{n}shot_draws"] = mean, std, accs
-    print0(f"eval | {desc} | {cfg.model}/{cfg.patch_size} {cfg.img_size}px | {root}: {len(train)} train / {len(val)} "
-           f"val images, {C} classes | {time.perf_counter() - t0:.1f}s\n"
-           f"  k-NN top-1 | 1-shot       | 2-shot       | 5-shot\n"
-           f"  {res['knn_top1']:10.1f} | " + " | ".join(f"{res[f'{n}shot_mean']:5.1f} ± {res[f'{n}shot_std']:4.1f}"
-                                                      for n in SHOTS), flush=True)
-    if write:
-        os.makedirs(cfg.out, exist_ok=True)
-        atomic_write_text(os.path.join(cfg.out, "eval.json"), json.dumps(res, indent=1))
-    return res
-
-
-def toy_root():
-    import toydata
-    return toydata.ensure_toy_data()
+    K, stop, last_ckpt = cfg.num_proto, stop_on_sigint(), "none yet"
+    # sums over the log interval, on the device: loss, ce, me-max, H(p̄); prototype usage (K,)
+    interval, usage = torch.zeros(4, device=device), torch.zeros(K, device=device)
+    n_steps, t_data, t_last = 0, 0.0, time.perf_counter()
+    model.train()
+    while step < total:
+        sampler.epoch, first = divmod(step, steps_per_epoch)  # resumed mid-epoch: the same order
+        sampler.start_batch = first * cfg.accum
+        batches = iter(loader)
+        for _ in range(min(steps_per_epoch - first, total - step)):
+            # 1) schedules: pure functions of the step (official shapes, 1.25x horizon)
+            lr = lr_at(step, warmup, horizon, cfg.start_lr, cfg.lr, cfg.final_lr)
+            wd = cosine_at(step, horizon, cfg.weight_decay, cfg.final_weight_decay)
+            m = linear_at(step, horizon, cfg.momentum, cfg.final_momentum)
+            for g in optimizer.param_groups:
+                g["lr"] = lr  # official: one lr for all groups, the prototypes' too
+                if g["scheduled"]:
+                    g["weight_decay"] = wd
+            # 2) forward / backward with accumulation
+            for micro in range(cfg.accum):
+                t0 = time.perf_counter()
+                batch = to_model_input(next(batches), device)
+                t_data += time.perf_counter() - t0
+                with nullcontext() if micro == cfg.accum - 1 or world == 1 else model.no_sync():
+                    loss, st = forward_loss(model, raw_model.prototypes, batch, cfg, ctx)
+                scaler.scale(loss / cfg.accum).backward()
+                terms = [loss.detach(), st["ce"], st["memax"], st["ent_mean"]]
+                interval += torch.stack(terms) / cfg.accum
+                usage += st["usage"]
+            # 3) clip (encoder + head, not the prototypes: official) and optimizer step
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.online_parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # 4) EMA of the target network (encoder + head)
+            ema_update(raw_model.online_parameters(), raw_model.target_parameters(), m)
+            step, n_steps = step + 1, n_steps + 1
+            # 5) only at log and checkpoint steps: read the sums back; check, log, save
+            log_now = step % cfg.log_every == 0 or step == total
+            save_now = step % cfg.ckpt_every == 0 or step == total
+            if not (log_now or save_now or (world == 1 and stop["requested"])):
+                continue
+            *sums, stopping = sum_over_ranks([*interval, *usage, stop["requested"]], device, world)
+            loss_v, ce, reg, ent_mean = (s / (n_steps * world) for s in sums[:4])  # interval means
+            save_now = save_now or stopping
+            problem = None if math.isfinite(loss_v) else f"loss is {loss_v}"
+            finite = (p.isfinite().all() for p in raw_model.parameters())
+            if save_now and not problem and not torch.stack(list(finite)).all():
+                problem = "a parameter is not finite"  # a non-finite model is never saved
+            if problem:
+                print0(f"error: {problem} at step {step}; lower --lr or use --dtype fp32 (last "
+                       f"good checkpoint: {last_ckpt})", file=sys.stderr)
+                raise SystemExit(1)
+            if log_now:
+                sync(device)
+                dt = time.perf_counter() - t_last
+                ms, rate = 1e3 * dt / n_steps, n_steps * eff_batch / dt
+                protos = sum(u > 0 for u in sums[4:])  # prototypes some target picked this interval
+                print0(f"step {step:06d}/{total} ({100 * step / total:.1f}%) | loss {loss_v:.4f} "
+                       f"(ce {ce:.4f}, me-max {reg:.4f}) | lr {lr:.2e} | wd {wd:.3f} | m {m:.5f} | "
+                       f"H(p̄) {ent_mean:.3f}/{math.log(K):.3f} | protos {protos}/{K} | {ms:.0f} "
+                       f"ms/step (data {100 * t_data / dt:.0f}%) | {rate:.1f} img/s | eta "
+                       f"{(total - step) * ms / 3.6e6:.2f}h", flush=True)
+                if rank == 0:
+                    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(dict(
+                            step=step, epoch=step / steps_per_epoch, loss=loss_v, ce=ce, memax=reg,
+                            ent_mean=ent_mean, protos_in_use=protos, lr=lr, wd=wd, momentum=m,
+                            ms_per_step=ms, img_per_s=rate)) + "\n")
+                interval.zero_(), usage.zero_()
+                n_steps, t_data, t_last = 0, 0.0, time.perf_counter()
+            if save_now:
+                if rank == 0:
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
+                last_ckpt = f"{ckpt_path} at step {step}"
+            if stopping:
+                print0(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+                raise SystemExit(130)
+    print0(f"done: {step} steps; checkpoint {ckpt_path}")
+    if cfg.eval and rank == 0:
+        evals["after"] = evaluate_target(raw_model, cfg, device, f"msn target_encoder step {step}")
+        atomic_write_text(os.path.join(cfg.out, "eval.json"), json.dumps(evals, indent=1))
+    if world > 1:
+        dist.destroy_process_group()
+    return raw_model
 
 
 # -----------------------------------------------------------------------------
-# Benchmark helpers: FLOPs of one training step, measured matmul rate of this machine
+# Plumbing: command line, device and DDP, benchmark
 
-def synthetic_batch(cfg, B, device):
-    S, s, N = cfg.img_size, cfg.focal_size, (cfg.img_size // cfg.patch_size) ** 2
-    return (torch.randn(B, 3, S, S, device=device), torch.randn(B, 3, S, S, device=device),
-            torch.randn(B, cfg.focal_views, 3, s, s, device=device), torch.rand(B, N, device=device))
+def fail(msg):
+    """A user error: one line naming the problem and the fix, exit code 2 (argparse's code for bad usage)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
-def train_flops_per_image(model, cfg, device):
-    """FLOPs of forward + backward (and the target's forward) for one image with all its views, counted by torch's
-    FlopCounterMode on a real step of 2 images (attention through the math kernel so its matmuls are counted)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        model(*synthetic_batch(cfg, 2, device))[0].backward()
-    model.zero_grad(set_to_none=True)
-    model.load_state_dict(state, strict=False)  # leave BatchNorm running statistics as they were
-    return fc.get_total_flops() / 2
+def config_help():
+    """{field: its --help text}: the comment after each Config field, joined with the comment lines under it that
+    start in the same column (a help text wrapped over several lines). The comments are the documentation."""
+    helps, field, col = {}, None, -1
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"    (\w+): .*?  # (.*)$", line)
+        if m:
+            field, col = m.group(1), line.index("  # ") + 2
+            helps[field] = m.group(2).strip()
+        elif field and line.find("#") == col and not line[:col].strip():
+            helps[field] += " " + line[col + 1:].strip()
+        else:
+            field = None
+    return helps
+
+
+def parse_config(argv=None):
+    """Config from the command line: defaults < --preset < the flags given. Bool flags are --x / --no-x, so a
+    preset's choice can be undone. Prints what the preset set."""
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    helps = config_help()
+    for f in dataclasses.fields(Config):
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=None)
+        kw["help"] = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        if f.type is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type is tuple:
+            ap.add_argument(flag, type=type(f.default[0]), nargs=2, metavar=("MIN", "MAX"), **kw)
+        else:
+            ap.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), **kw)
+    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset") or ("toy" if not given.get("data") and not given.get("bench") else "")
+    if preset and preset not in PRESETS:
+        fail(f"unknown --preset {preset}; choose from {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS.get(preset, {}), **given, "preset": preset})
+    if preset:
+        print(f"preset {preset}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[preset].items() if k not in given))
+    for f in dataclasses.fields(cfg):  # nargs=2 gives lists; keep tuples, as the defaults are
+        if f.type is tuple:
+            setattr(cfg, f.name, tuple(getattr(cfg, f.name)))
+    if cfg.patch_drop < 0 and cfg.model in PATCH_DROP:  # the masking ratio of --model's config
+        cfg.patch_drop = PATCH_DROP[cfg.model]
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Flags that cannot work, refused with their fix before anything is built or written."""
+    if cfg.model not in VIT:
+        fail(f"unknown --model {cfg.model}; choose from {', '.join(VIT)}")
+    for name, size in (("img-size", cfg.img_size), ("focal-size", cfg.focal_size)):
+        if size % cfg.patch_size or size < cfg.patch_size:
+            fail(f"--{name} {size} is not divisible by --patch-size {cfg.patch_size}; use e.g. "
+                 f"{max(1, size // cfg.patch_size) * cfg.patch_size}")
+    if not 0 <= cfg.patch_drop < 1:
+        fail(f"--patch-drop {cfg.patch_drop} must be in [0, 1): a fraction of the anchor's patches")
+    if cfg.num_proto < 2 or cfg.tau <= 0 or cfg.sharpen <= 0:
+        fail("--num-proto must be >= 2 and --tau, --sharpen > 0")
+    if cfg.batch_size < 2:
+        fail(f"--batch-size {cfg.batch_size}: the head's BatchNorm needs at least 2 images per GPU")
+    if cfg.focal_views < 0 or cfg.accum < 1:
+        fail("--focal-views must be >= 0 and --accum >= 1")
+    if not all(0 < lo <= hi <= 1 for lo, hi in (cfg.crop_scale, cfg.focal_scale)):
+        fail("--crop-scale and --focal-scale take MIN MAX, 0 < MIN <= MAX <= 1 (area fractions)")
+    if cfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        fail(f"--dtype {cfg.dtype}: choose auto, bf16, fp16 or fp32")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        fail(f"--device {cfg.device}: choose auto, cuda or cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA GPU is visible; use --device cpu")
+
+
+def setup_device(cfg):
+    """DDP from torchrun's environment (NCCL on CUDA, gloo on CPU), the device and the autocast context; prints what
+    it decided."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    rank, local, world = 0, 0, 1
+    if ddp:
+        rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = {"auto": "bf16" if cuda else "fp32"}.get(cfg.dtype, cfg.dtype)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    print0(f"device {device} | autocast {dtype} | tf32 {'on' if cuda else 'n/a'} | world {world} | "
+           f"{torch.get_num_threads()} cpu threads | source sha256 {SOURCE_SHA}")
+    return device, ctx, dtype, rank, world, print0
+
+
+def stop_on_sigint():
+    """Ctrl-C sets a flag that the train loop reads at its next check (it then saves and exits 130); a second
+    Ctrl-C interrupts at once."""
+    stop = {"requested": False}
+
+    def request(signum, frame):
+        stop["requested"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, request)
+    return stop
+
+
+def sum_over_ranks(values, device, world):
+    """Floats (or 0-d tensors) summed over all DDP ranks -> Python floats: the train loop's one host sync, taken at
+    log and checkpoint steps only (every rank reaches those at the same step, so none waits for another)."""
+    t = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def matmul_rate(device, dtype, n=2048, reps=10):
-    """FLOP/s of an n x n x n matmul, median of `reps` after one warm-up (the step time is a median too): the
-    reference for '% of this machine's matmul rate'."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    """FLOP/s of an n x n x n matmul, median of `reps` after one warm-up: the reference for '% of this machine's
+    matmul rate' in --bench."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     times = []
     for _ in range(reps + 1):
         sync(device)
@@ -883,213 +915,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-# -----------------------------------------------------------------------------
-# Train loop
-
-SOURCE_SHA = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:12]
-
-
-def setup_device(cfg):
-    """DDP from torchrun's environment (NCCL on CUDA, gloo on CPU), device, autocast context. Prints what it decided."""
-    ddp = int(os.environ.get("RANK", -1)) != -1 and not cfg.eval
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    rank, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = {"auto": "bf16" if cuda else "fp32"}.get(cfg.dtype, cfg.dtype)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
-    print0 = print if rank == 0 else (lambda *a, **k: None)
-    print0(f"device {device} | autocast {dtype} | tf32 {'on' if cuda else 'n/a'} | world {world} | "
-           f"{torch.get_num_threads()} cpu threads | source sha256 {SOURCE_SHA}")
-    return device, ctx, dtype, rank, world, print0
-
-
-def make_loader(cfg, rank, world, device, print0):
-    root = cfg.data or os.path.join(toy_root(), "images")
-    folder = image_folder(root, "train")
-    sampler = EpochSampler(len(folder), cfg.batch_size, cfg.seed, rank, world)
-    if sampler.batches == 0:
-        fail(f"{len(folder)} images are fewer than one step needs ({world} x {cfg.batch_size}); lower --batch-size")
-    loader = torch.utils.data.DataLoader(MultiViewImages(folder, cfg), batch_size=cfg.batch_size, sampler=sampler,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)
-    print0(f"data {root}/train: {len(folder)} images, {len(folder.classes)} classes (labels unused), "
-           f"{sampler.batches} steps per epoch of {world} x {cfg.batch_size} images")
-    return loader, sampler
-
-
 def bench(cfg, model, device, ctx, dtype, steps=5):
-    """Times training steps (forward, backward, AdamW, EMA) on synthetic input; one summary line."""
+    """Times training steps (forward, backward, AdamW, EMA) on random input: one summary line. The
+    FLOPs of a step are counted once, by FlopCounterMode (attention in the math kernel, so that its
+    matmuls count); the first two timed steps only warm up."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    B, V, S, s = cfg.batch_size, cfg.focal_views, cfg.img_size, cfg.focal_size
+    N = (S // cfg.patch_size) ** 2
+    batch = (torch.randn(B, 3, S, S, device=device), torch.randn(B, 3, S, S, device=device),
+             torch.randn(B, V, 3, s, s, device=device), torch.rand(B, N, device=device))
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, fused=True)
-    batch = synthetic_batch(cfg, cfg.batch_size, device)
-    flops = train_flops_per_image(model, cfg, device) * cfg.batch_size
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # one step's
+        forward_loss(model, model.prototypes, batch, cfg, ctx)[0].backward()
+    model.zero_grad(set_to_none=True)
     times = []
-    for i in range(steps + 2):  # the first two steps warm up allocators and caches
+    for i in range(steps + 2):
         sync(device)
         t = time.perf_counter()
-        with ctx:
-            loss = model(*batch)[0]
-        loss.backward()
+        forward_loss(model, model.prototypes, batch, cfg, ctx)[0].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema_update(model.online_parameters(), model.target_parameters(), 0.996)
         sync(device)
         times.append(time.perf_counter() - t)
-    dt = statistics.median(times[2:])
+    dt, flops = statistics.median(times[2:]), counter.get_total_flops()
     peak = matmul_rate(device, torch.float32 if dtype == "fp32" else torch.bfloat16)
-    print(f"bench | {cfg.model}/{cfg.patch_size} | views 1+1 x {cfg.img_size}px (drop {cfg.patch_drop}) + "
-          f"{cfg.focal_views} x {cfg.focal_size}px | batch {cfg.batch_size} | {dt * 1e3:.0f} ms/step (median of {steps}) "
-          f"| {cfg.batch_size / dt:.2f} images/s | {flops / dt / 1e9:.1f} GFLOP/s = {100 * flops / dt / peak:.0f}% of "
-          f"{dtype} matmul {peak / 1e9:.1f} GFLOP/s (median 2048^3 on {device.type}, {torch.get_num_threads()} threads) "
-          f"| {flops / 1e9:.1f} GFLOP/step")
-
-
-def main(argv=None):
-    cfg = parse_config(argv)
-    device, ctx, dtype, rank, world, print0 = setup_device(cfg)
-    if cfg.eval:
-        vit, desc, ecfg = load_eval_encoder(cfg)
-        return evaluate(vit, ecfg, device, desc)
-    torch.manual_seed(cfg.seed)  # same init on every rank; the data has its own seeds
-    model = MSN(cfg).to(device)
-    n_enc = sum(p.numel() for p in model.encoder.parameters())
-    n_head = sum(p.numel() for p in model.head.parameters())
-    print0(f"MSN {cfg.model}/{cfg.patch_size} encoder {n_enc / 1e6:.2f}M params | head {cfg.hidden_dim}-"
-           f"{cfg.hidden_dim}-{cfg.output_dim} {n_head / 1e6:.2f}M | {cfg.num_proto} prototypes | target = EMA copy")
-    if cfg.bench:
-        return bench(cfg, model, device, ctx, dtype)
-    os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    if os.path.exists(ckpt_path) and not cfg.resume:
-        fail(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
-    if cfg.resume and not os.path.exists(ckpt_path):
-        fail(f"--resume but there is no checkpoint at {ckpt_path}; drop --resume or point --out at the run's folder")
-    loader, sampler = make_loader(cfg, rank, world, device, print0)
-
-    # optimizer and schedules (official init_opt: AdamW with torch's default betas)
-    groups = param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, fused=True)  # fused: 3x faster than foreach on CPU too
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-    eff_batch = cfg.batch_size * cfg.accum * world
-    scale = cfg.blr * eff_batch / 256 / cfg.lr if cfg.blr > 0 else 1.0  # MSN: 1 (lr is not batch-scaled)
-    peak_lr, start_lr, final_lr = cfg.lr * scale, cfg.start_lr * scale, cfg.final_lr * scale
-    steps_per_epoch = sampler.batches // cfg.accum
-    if steps_per_epoch == 0:
-        fail(f"--accum {cfg.accum} exceeds the {sampler.batches} batches of an epoch; lower --accum or --batch-size")
-    total = cfg.max_steps or round(cfg.epochs * steps_per_epoch)
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
-    horizon = int(cfg.horizon * total)
-    print0(f"effective batch {eff_batch} images ({world} x {cfg.batch_size} x accum {cfg.accum}) | lr {start_lr:.2e} -> "
-           f"{peak_lr:.2e} -> {final_lr:.2e} ({'blr-scaled' if cfg.blr > 0 else 'not batch-scaled, as MSN'}) | "
-           f"{total} steps, {warmup} warm-up, schedules over {horizon} | wd {cfg.weight_decay} -> "
-           f"{cfg.final_weight_decay} on {sum(p.numel() for p in groups[0]['params']) / 1e6:.2f}M params, off on "
-           f"{sum(p.numel() for p in groups[1]['params']) / 1e3:.1f}K + prototypes | patch drop {cfg.patch_drop}: "
-           f"{num_kept((cfg.img_size // cfg.patch_size) ** 2, cfg.patch_drop)} of {(cfg.img_size // cfg.patch_size) ** 2}"
-           f" tokens kept")
-    step = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg) if cfg.resume else 0
-    if cfg.resume:
-        print0(f"resumed from {ckpt_path} at step {step}")
-    print0("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-    if cfg.final_eval and rank == 0 and step == 0:
-        evaluate(model.target_encoder, cfg, device, "untrained (step 0)", print0, write=False)
-    flops_per_image = train_flops_per_image(model, cfg, device)  # before DDP, so its backward is not all-reduced
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    stop = {"requested": False}  # Ctrl-C: finish the step, checkpoint, exit (a second Ctrl-C kills)
-    def request_stop(signum, frame):
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, request_stop)
-
-    K = cfg.num_proto
-    t_last, imgs_since, sums, n_acc, last_ckpt = time.perf_counter(), 0, torch.zeros(5), 0, "none yet"
-    model.train()
-    while step < total:
-        sampler.epoch, first = divmod(step, steps_per_epoch)  # resume mid-epoch: same order, same samples
-        sampler.start_batch = first * cfg.accum
-        batches = iter(loader)
-        for _ in range(min(steps_per_epoch - first, total - step)):
-            # 1) schedules for this step: pure functions of the step (official shapes, 1.25x horizon)
-            lr = lr_at(step, warmup, horizon, start_lr, peak_lr, final_lr)
-            wd = cosine_at(step, horizon, cfg.weight_decay, cfg.final_weight_decay)
-            m = linear_at(step, horizon, cfg.momentum, cfg.final_momentum)
-            for g in optimizer.param_groups:
-                g["lr"] = lr  # official: one lr for all groups, the prototypes' too
-                if g["scheduled"]:
-                    g["weight_decay"] = wd
-            # 2) forward / backward with accumulation
-            t_data, terms, usage = 0.0, torch.zeros(4, device=device), torch.zeros(K, device=device)
-            for micro in range(cfg.accum):
-                t0 = time.perf_counter()
-                target, anchor, focal, noise = to_model_input(next(batches), device)
-                t_data += time.perf_counter() - t0
-                sync_grads = micro == cfg.accum - 1 or world == 1
-                with (nullcontext() if sync_grads else model.no_sync()), ctx:
-                    loss, st = model(target, anchor, focal, noise)
-                scaler.scale(loss / cfg.accum).backward()
-                terms += torch.stack([loss.detach(), st["ce"], st["memax"], st["ent_mean"]]) / cfg.accum
-                usage += torch.bincount(st["assign"], minlength=K)
-            # 3) clip (encoder + head, not the prototypes: official) and optimizer step
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.online_parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            # 4) EMA of the target network (encoder + head)
-            ema_update(raw_model.online_parameters(), raw_model.target_parameters(), m)
-            step += 1
-            imgs_since += eff_batch
-            # 5) NaN guard, Ctrl-C and statistics, agreed across ranks so that no rank waits for another
-            flags = torch.cat([terms, torch.tensor([float(stop["requested"])], device=device), usage])
-            if world > 1:
-                dist.all_reduce(flags)
-            flags = flags.cpu()
-            if not math.isfinite(flags[0].item()):
-                print0(f"error: loss is {flags[0].item()} at step {step}; lower --lr or use --dtype fp32 "
-                       f"(last good checkpoint: {last_ckpt})", file=sys.stderr)
-                raise SystemExit(1)
-            sums, n_acc = sums + torch.cat([flags[:4] / world, (flags[5:] > 0).sum().view(1)]), n_acc + 1
-            # 6) log
-            if step % cfg.log_every == 0 or step == total:
-                sync(device)
-                dt = time.perf_counter() - t_last
-                ms, rate = 1e3 * dt / (imgs_since / eff_batch), imgs_since / dt
-                loss_v, ce, reg, ent_mean, protos = (sums / n_acc).tolist()  # means over the interval and the ranks
-                eta = (total - step) * ms / 1e3 / 3600
-                print0(f"step {step:06d}/{total} ({100 * step / total:.1f}%) | loss {loss_v:.4f} (ce {ce:.4f}, me-max "
-                       f"{reg:.4f}) | H(p̄) {ent_mean:.3f}/{math.log(K):.3f} | protos {protos:.0f}/{K} | lr {lr:.2e} | "
-                       f"wd {wd:.3f} | m {m:.5f} | {ms:.0f} ms/step (data {1e3 * t_data:.0f}) | {rate:.1f} img/s | "
-                       f"{flops_per_image * rate / 1e9:.1f} GFLOP/s | eta {eta:.2f}h", flush=True)
-                if rank == 0:
-                    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                        f.write(json.dumps(dict(step=step, epoch=step / steps_per_epoch, loss=loss_v, ce=ce,
-                                                memax=reg, ent_mean=ent_mean, protos_in_use=protos, lr=lr, wd=wd,
-                                                momentum=m, ms_per_step=ms, img_per_s=rate)) + "\n")
-                t_last, imgs_since, sums, n_acc = time.perf_counter(), 0, torch.zeros(5), 0
-            # 7) checkpoints
-            if step % cfg.ckpt_every == 0 or step == total or flags[4].item() > 0:
-                if rank == 0:
-                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
-                last_ckpt = f"{ckpt_path} at step {step}"
-            if flags[4].item() > 0:
-                print0(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-                raise SystemExit(130)
-    print0(f"done: {step} steps; checkpoint {ckpt_path}")
-    if cfg.final_eval and rank == 0:
-        evaluate(raw_model.target_encoder, cfg, device, f"msn target_encoder step {step}", print0)
-        raw_model.train()
-    if world > 1:
-        dist.destroy_process_group()
-    return raw_model
+    print(f"bench | {cfg.model}/{cfg.patch_size} | views 1+1 x {S}px (drop {cfg.patch_drop}) + "
+          f"{V} x {s}px | batch {B} | {dt * 1e3:.0f} ms/step (median of {steps}) | "
+          f"{B / dt:.2f} images/s | {flops / dt / 1e9:.1f} GFLOP/s = {100 * flops / dt / peak:.0f}%"
+          f" of {dtype} matmul {peak / 1e9:.1f} GFLOP/s (median 2048^3 on {device.type}, "
+          f"{torch.get_num_threads()} threads) | {flops / 1e9:.1f} GFLOP/step")
 
 
 if __name__ == "__main__":

@@ -621,8 +621,6 @@ def main(argv=None):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    flops_per_pair = train_flops_per_pair(raw_model, cfg, device)
-
     stop = stop_on_sigint()
     t_last, pairs_since, loss_acc, n_acc, last_ckpt = time.perf_counter(), 0, 0.0, 0, "none yet"
     model.train()
@@ -671,7 +669,7 @@ def main(argv=None):
                 eta = (total - step) * ms / 1e3 / 3600
                 print0(f"step {step:06d}/{total} ({100 * step / total:.1f}%) | loss {loss_val:.4f} | "
                        f"lr {lr:.2e} | {ms:.0f} ms/step (data {1e3 * t_data:.0f}) | {rate:.1f} pairs/s"
-                       f" | {flops_per_pair * rate / 1e9:.1f} GFLOP/s | eta {eta:.2f}h", flush=True)
+                       f" | eta {eta:.2f}h", flush=True)
                 if rank == 0:
                     with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                         f.write(json.dumps(dict(step=step, epoch=step / steps_per_epoch, loss=loss_val,

@@ -274,22 +274,25 @@ def gather_tokens(x, ids):
 # One module holds it all, so one state_dict does: encoder.*, head.*, prototypes, target_encoder.*,
 # target_head.* (propagate.py and evaluate.py read target_encoder.* from MSN checkpoints).
 
-class BatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose batch statistics span all DDP ranks. The official code converts the head
-    to SyncBatchNorm when world > 1; torch's needs a GPU, this one runs under gloo on CPU too. Same
-    parameters and buffers as nn.BatchNorm1d; with one process it IS nn.BatchNorm1d."""
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span the GLOBAL batch (all DDP ranks), as the official SyncBatchNorm.
+    Not nn.SyncBatchNorm: that one needs a GPU, and DDP on CPU (gloo) must give the numbers of one process.
+    Training: μ = Σx / n, σ² = Σ(x − μ)² / n over all n = W·B rows (two passes, autograd-aware all_reduce, so the
+    backward sums the statistics' gradients over ranks, as SyncBN does); y = γ(x − μ)/√(σ² + ε) + β. Eval: running
+    statistics. Same parameters and buffers as nn.BatchNorm1d."""
 
     def forward(self, x):
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if not (self.training and world > 1):
+        if not self.training:
             return super().forward(x)
-        x = x.float()
-        stats = dist_nn.all_reduce(torch.stack([x.sum(0), (x * x).sum(0)]))  # (2, h): Σx, Σx²
-        n = x.shape[0] * world  # the backward sums the grads over ranks, as the true gradient needs
-        mean, var = stats[0] / n, stats[1] / n - (stats[0] / n) ** 2  # biased variance (as BN)
-        with torch.no_grad():  # running statistics use the unbiased variance (as nn.BatchNorm1d)
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        x = x.float()  # statistics in fp32, also under bf16 autocast
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        n = x.shape[0] * world  # every rank has the same batch size (EpochSampler)
+        total = (lambda t: dist_nn.all_reduce(t)) if world > 1 else (lambda t: t)  # Σ over ranks, with gradient
+        mean = total(x.sum(0)) / n  # (C,)
+        var = total(((x - mean) ** 2).sum(0)) / n  # (C,) biased, as BatchNorm normalizes
+        with torch.no_grad():  # running statistics as nn.BatchNorm1d (unbiased variance); used in eval mode only
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * n / max(n - 1, 1))
             self.num_batches_tracked += 1
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
 
@@ -297,8 +300,8 @@ class BatchNorm1d(nn.BatchNorm1d):
 def projection_head(dim, hidden, out):
     """Official init_model with use_bn (its `fc` Sequential, its names), on the final-LN'd cls."""
     return nn.Sequential(OrderedDict(
-        fc1=nn.Linear(dim, hidden), bn1=BatchNorm1d(hidden), gelu1=nn.GELU(),
-        fc2=nn.Linear(hidden, hidden), bn2=BatchNorm1d(hidden), gelu2=nn.GELU(),
+        fc1=nn.Linear(dim, hidden), bn1=GlobalBatchNorm1d(hidden), gelu1=nn.GELU(),
+        fc2=nn.Linear(hidden, hidden), bn2=GlobalBatchNorm1d(hidden), gelu2=nn.GELU(),
         fc3=nn.Linear(hidden, out)))
 
 
@@ -346,11 +349,11 @@ class MSN(nn.Module):
 
 
 @torch.no_grad()
-def ema_update(online, target, m):
-    """θ̄ ← m·θ̄ + (1 − m)·θ for each parameter pair (DINO's three lines). Buffers (BatchNorm
-    running statistics) are not averaged: each network keeps its own, as the official code."""
-    for p, t in zip(online, target):
-        t.mul_(m).add_(p.detach(), alpha=1 - m)
+def ema_update(target, online, m):
+    """θ_target ← m·θ_target + (1 − m)·θ_online for each parameter pair (DINO main_dino.py's update). Buffers
+    (BatchNorm running statistics) are not averaged: each network keeps its own, as the official code."""
+    for t, o in zip(target, online):
+        t.mul_(m).add_((1 - m) * o.detach())
 
 
 # -----------------------------------------------------------------------------
@@ -720,7 +723,7 @@ def main(argv=None):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             # 4) EMA of the target network (encoder + head)
-            ema_update(raw_model.online_parameters(), raw_model.target_parameters(), m)
+            ema_update(raw_model.target_parameters(), raw_model.online_parameters(), m)
             step, n_steps = step + 1, n_steps + 1
             # 5) only at log and checkpoint steps: read the sums back; check, log, save
             log_now = step % cfg.log_every == 0 or step == total
@@ -936,7 +939,7 @@ def bench(cfg, model, device, ctx, dtype, steps=5):
         forward_loss(model, model.prototypes, batch, cfg, ctx)[0].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(model.online_parameters(), model.target_parameters(), 0.996)
+        ema_update(model.target_parameters(), model.online_parameters(), 0.996)
         sync(device)
         times.append(time.perf_counter() - t)
     dt, flops = statistics.median(times[2:]), counter.get_total_flops()

@@ -109,14 +109,38 @@ def test_msn_ema_momentum_1_keeps_target_0_copies_online_and_half_averages():
         for p in model.online_parameters():
             p.add_(torch.randn_like(p))  # online and target now differ
     before = [t.clone() for t in model.target_parameters()]
-    msn.ema_update(model.online_parameters(), model.target_parameters(), 1.0)
+    msn.ema_update(model.target_parameters(), model.online_parameters(), 1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.target_parameters()))
-    msn.ema_update(model.online_parameters(), model.target_parameters(), 0.5)
+    msn.ema_update(model.target_parameters(), model.online_parameters(), 0.5)
     half = [(a + o) / 2 for a, o in zip(before, model.online_parameters())]
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(half, model.target_parameters()))
-    msn.ema_update(model.online_parameters(), model.target_parameters(), 0.0)
+    msn.ema_update(model.target_parameters(), model.online_parameters(), 0.0)
     assert all(torch.equal(a, b) for a, b in zip(model.online_parameters(), model.target_parameters()))
     assert len(model.online_parameters()) == len(model.target_parameters())  # encoder AND head are averaged
+
+
+def test_msn_global_batchnorm_in_one_process_equals_torch_batchnorm():
+    """GlobalBatchNorm1d (two-pass statistics, used in training even with one process) gives nn.BatchNorm1d's output,
+    gradients and running statistics in train mode and uses the running statistics in eval mode (its 2-process
+    equality with 1 process is in the DDP test)."""
+    torch.manual_seed(0)
+    ours, ref = msn.GlobalBatchNorm1d(6), torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2.0), ours.bias.uniform_(-1.0, 1.0)
+    ref.load_state_dict(ours.state_dict())
+    x = (3 * torch.randn(10, 6) + 5).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    g = torch.randn(10, 6)
+    for _ in range(2):  # two updates of the running statistics
+        y, y_ref = ours(x), ref(x_ref)
+        (y * g).sum().backward(), (y_ref * g).sum().backward()
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    for a, b in ((x.grad, x_ref.grad), (ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
+        assert torch.allclose(a, b, atol=1e-4)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(ours.state_dict()[k].float(), v.float(), atol=1e-6), k
+    ours.eval(), ref.eval()
+    assert torch.allclose(ours(x), ref(x_ref), atol=1e-5)
 
 
 def test_msn_random_masking_keeps_floor_n_times_keep_tokens_per_sample():

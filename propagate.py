@@ -989,8 +989,8 @@ def run_jhmdb(videos, encoder, out, cfg, device, amp, overlay_dir):
         t0 = time.time()
         with torch.inference_mode():
             pred = propagate_keypoints(encoder, frames, joints, cfg, device, amp, overlay_dir, name)
-        write_csv(os.path.join(out, name + ".csv"), [header] + [[frame_name(f)] + list(map(
-            fmt, xy.reshape(-1))) for f, xy in zip(frames, pred)])
+        xy_rows = [[frame_name(f)] + [fmt(v) for v in xy.reshape(-1)] for f, xy in zip(frames, pred)]
+        write_csv(os.path.join(out, name + ".csv"), [header] + xy_rows)
         n = min(len(frames), len(joints))  # frames beyond the ground truth's: not scored (as VFS)
         dists.append(normalized_distances(pred[1:n], joints[1:n]))
         rows.append([name] + [pck(dists[-1], a)[1] for a in PCK_ALPHAS])
@@ -1011,8 +1011,8 @@ def run_jhmdb(videos, encoder, out, cfg, device, amp, overlay_dir):
           f"per-video_pck.csv\n--- PCK (%) over {len(dist)} frames of {len(videos)} videos ---")
     for r in lines:
         print(f"{r[0]:>15} " + " ".join(f"{v:>12}" for v in r[1:]))
-    return {f"PCK@{a}": table[a][1] for a in PCK_ALPHAS} | {"per_joint": {a: table[a][0]
-                                                                          for a in PCK_ALPHAS}}
+    means = {f"PCK@{a}": table[a][1] for a in PCK_ALPHAS}
+    return means | {"per_joint": {a: table[a][0] for a in PCK_ALPHAS}}
 
 
 # -----------------------------------------------------------------------------

@@ -629,7 +629,7 @@ def test_propagate_bad_results_folder(tmp_path, capsys, defect):
     err = run_main(["--eval-only", "--results", str(res), "--davis", root], capsys)
     assert "00002.png" in err
     assert not [n for n in os.listdir(res) if n.endswith(".csv")]
-    assert "--results" in run_main(["--eval-only", "--davis", root], capsys)
+    assert "needs --results DIR" in run_main(["--eval-only", "--davis", root], capsys)
     assert "--task davis" in run_main(["--eval-only", "--results", str(res), "--task", "vip"], capsys)
 
 
@@ -711,8 +711,8 @@ def test_propagate_a_short_siammae_run_propagates_no_worse_than_random(toy_video
                                  "1000", "--lr", "1e-3", "--out", str(tmp_path / "train")])
     scores = {}
     for name, ckpt in (("trained", str(tmp_path / "train" / "checkpoint.pt")), ("random", "random")):
-        P.main(["--ckpt", ckpt, "--model", "vit_tiny", "--patch-size", "8", "--short-side", "64", "--size-multiple", "8",
-                "--out", str(tmp_path / name)])
+        P.main(["--ckpt", ckpt, "--model", "vit_tiny", "--patch-size", "8", "--short-side", "64",
+                "--size-multiple", "8", "--out", str(tmp_path / name)])
         with open(tmp_path / name / "global_results-val.csv") as f:
             scores[name] = float(next(csv.DictReader(f))["J&F-Mean"])
     assert scores["trained"] >= scores["random"], scores

@@ -541,10 +541,12 @@ def to_model_input(batch, device):
 
 # -----------------------------------------------------------------------------
 # Schedule (official src/utils.py WarmupCosineSchedule, CosineWDSchedule; msn_train.py's momentum)
-# Pure functions of the optimizer step, so nothing is replayed on resume. All span horizon =
-# int(1.25 x total steps): the run stops at 80 % of each (lr short of final_lr, wd near 0.366,
-# momentum near 0.9992). The official schedulers are stepped before the update, so its first update
-# uses the value one step in; here step 0 uses the start value.
+# Pure functions of the step, so nothing is replayed on resume, read as the official loop reads its
+# schedules: it calls scheduler.step() and wd_scheduler.step() (which count up, then compute) BEFORE
+# optimizer.step(), so update i uses lr and wd of step i + 1; it takes next(momentum_scheduler) AFTER
+# the update, so the EMA after update i uses momentum i (its sharpening generator, read before the
+# loss, gives T_i: 0.25 throughout in the released config). lr and wd span int(1.25 x total) steps,
+# the momentum 1.25 x total: the run stops at 80 % of each (wd near 0.366, momentum near 0.9992).
 
 def lr_at(step, warmup, horizon, start, peak, final):
     """1) linear warm-up start -> peak over `warmup` steps; 2) half-cycle cosine peak -> final over
@@ -665,8 +667,8 @@ def main(argv=None):
     if steps_per_epoch == 0:
         fail(f"--accum {cfg.accum} exceeds the {sampler.batches} batches of an epoch; lower it")
     total = cfg.max_steps or round(cfg.epochs * steps_per_epoch)
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
-    horizon = int(cfg.horizon * total)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)  # official int(warmup * ipe), uncapped
+    horizon = int(cfg.horizon * total)  # official T_max of the lr and wd schedules
     eff_batch, N = cfg.batch_size * cfg.accum * world, (cfg.img_size // cfg.patch_size) ** 2
     n_decay, n_off = (sum(p.numel() for p in g["params"]) for g in groups[:2])
     print0(f"effective batch {eff_batch} images ({world} x {cfg.batch_size} x accum {cfg.accum}) | "
@@ -697,10 +699,10 @@ def main(argv=None):
         sampler.start_batch = first * cfg.accum
         batches = iter(loader)
         for _ in range(min(steps_per_epoch - first, total - step)):
-            # 1) schedules: pure functions of the step (official shapes, 1.25x horizon)
-            lr = lr_at(step, warmup, horizon, cfg.start_lr, cfg.lr, cfg.final_lr)
-            wd = cosine_at(step, horizon, cfg.weight_decay, cfg.final_weight_decay)
-            m = linear_at(step, horizon, cfg.momentum, cfg.final_momentum)
+            # 1) schedules, as the official loop steps them: lr and wd one step ahead, momentum not
+            lr = lr_at(step + 1, warmup, horizon, cfg.start_lr, cfg.lr, cfg.final_lr)
+            wd = cosine_at(step + 1, horizon, cfg.weight_decay, cfg.final_weight_decay)
+            m = linear_at(step, cfg.horizon * total, cfg.momentum, cfg.final_momentum)
             for g in optimizer.param_groups:
                 g["lr"] = lr  # official: one lr for all groups, the prototypes' too
                 if g["scheduled"]:

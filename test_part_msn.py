@@ -196,6 +196,39 @@ def test_msn_schedules_start_at_their_start_values_and_span_1_25x_the_run():
     assert msn.linear_at(total, horizon, 0.996, 1.0) == pytest.approx(0.996 + 0.004 * 0.8)  # ends short of 1
 
 
+def test_msn_update_0_uses_lr_and_wd_of_step_1_and_the_ema_after_it_the_start_momentum(msn_toy_images, tmp_path,
+                                                                                       monkeypatch):
+    """The official loop calls scheduler.step() and wd_scheduler.step() before optimizer.step() (src/utils.py: step()
+    counts up, then computes) and next(momentum_scheduler) after it. By hand from those formulas, for 6 steps of 7
+    per epoch, warm-up 0.5 epoch = int(3.5) = 3 steps, T_max = int(1.25 * 6) = 7, momentum increment 0.5 / 7.5."""
+    states, original = {}, msn.save_checkpoint
+
+    def keep(path, model, optimizer, scaler, step, cfg):
+        states[step] = ({k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()["param_groups"])
+        original(path, model, optimizer, scaler, step, cfg)
+    monkeypatch.setattr(msn, "save_checkpoint", keep)
+    args = MSN_TINY + ["--data", msn_toy_images, "--batch-size", "8", "--max-steps", "6", "--ckpt-every", "1",
+                       "--warmup-epochs", "0.5", "--momentum", "0.5", "--out", str(tmp_path)]
+    msn.main(args)
+    lr = [2e-4 + 1 / 3 * 8e-4, 2e-4 + 2 / 3 * 8e-4] + [
+        1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (i - 3) / 4)) for i in (3, 4, 5, 6)]
+    wd = [0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * i / 7)) for i in range(1, 7)]
+    m = [0.5 + i * 0.5 / 7.5 for i in range(6)]
+    logs = msn_log(tmp_path)
+    assert [r["lr"] for r in logs] == pytest.approx(lr, rel=1e-12)
+    assert [r["wd"] for r in logs] == pytest.approx(wd, rel=1e-12)
+    assert [r["momentum"] for r in logs] == pytest.approx(m, rel=1e-12)
+    after_1, groups = states[1]
+    assert groups[0]["lr"] == pytest.approx(lr[0], rel=1e-12) and groups[0]["weight_decay"] == pytest.approx(wd[0])
+    assert groups[1]["weight_decay"] == groups[2]["weight_decay"] == 0.0  # biases, norms, prototypes
+    torch.manual_seed(0)
+    start = msn.MSN(msn.parse_config(args)).state_dict()  # target = online at step 0
+    for k in ("encoder.pos_embed", "encoder.blocks.0.attn.qkv.weight", "head.fc3.weight"):
+        t0, o1, t1 = start["target_" + k], after_1[k], after_1["target_" + k]
+        assert torch.allclose(t1, m[0] * t0 + (1 - m[0]) * o1, atol=1e-7), k
+        assert not torch.allclose(t1, m[1] * t0 + (1 - m[1]) * o1, atol=1e-7), k
+
+
 # --- training: resume, DDP, the check block, eval, bad inputs, bench, --help --
 
 def test_msn_resume_after_a_crash_equals_uninterrupted_training(msn_toy_images, tmp_path, monkeypatch):
@@ -204,12 +237,11 @@ def test_msn_resume_after_a_crash_equals_uninterrupted_training(msn_toy_images, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # incl. target network and prototypes
     logs = msn_log(tmp_path / "a")
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
-    horizon = int(1.25 * 4)  # 7 steps per epoch of 8 images here, warm-up 1 epoch > 4 steps: all warm-up
-    for r in logs:
-        s = r["step"] - 1
-        assert r["lr"] == pytest.approx(2e-4 + (1e-3 - 2e-4) * s / 4)
-        assert r["momentum"] == pytest.approx(0.996 + 0.004 * s / horizon)
-        assert r["wd"] == pytest.approx(msn.cosine_at(s, horizon, 0.04, 0.4))
+    horizon = int(1.25 * 4)  # 7 steps per epoch of 8 images here, warm-up 1 epoch = 7 steps > 4: all warm-up
+    for r in logs:  # update r - 1 uses lr and wd of step r, momentum of step r - 1 (the official order)
+        assert r["lr"] == pytest.approx(2e-4 + (1e-3 - 2e-4) * r["step"] / 7)
+        assert r["momentum"] == pytest.approx(0.996 + 0.004 * (r["step"] - 1) / horizon)
+        assert r["wd"] == pytest.approx(msn.cosine_at(r["step"], horizon, 0.04, 0.4))
     state = torch.load(tmp_path / "a" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert set(state) == {"method", "model", "optimizer", "scaler", "step", "config", "source_sha256", "rng"}
 

@@ -622,7 +622,8 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     stop = stop_on_sigint()
-    t_last, pairs_since, loss_acc, n_acc, last_ckpt = time.perf_counter(), 0, 0.0, 0, "none yet"
+    interval = torch.zeros((), dtype=torch.float64, device=device)  # Σ loss since the last log
+    n_steps, t_data, t_last, last_ckpt = 0, 0.0, time.perf_counter(), "none yet"
     model.train()
     while step < total:
         sampler.epoch, first = divmod(step, steps_per_epoch)  # mid-epoch: same order and samples
@@ -634,7 +635,6 @@ def main(argv=None):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             # 2) forward / backward with accumulation
-            t_data, loss_sum = 0.0, torch.zeros((), device=device)
             for micro in range(cfg.accum):
                 t0 = time.perf_counter()
                 frames, noise = to_model_input(*next(batches), device)
@@ -644,46 +644,49 @@ def main(argv=None):
                     pred, mask = model(frames, noise)
                     loss = reconstruction_loss(frames, pred, mask, cfg.patch_size)
                 scaler.scale(loss / cfg.accum).backward()
-                loss_sum += loss.detach() / cfg.accum
+                interval += loss.detach().double() / cfg.accum
             # 3) optimizer step
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            pairs_since += eff_batch
-            # 4) NaN guard and Ctrl-C, agreed across ranks so that no rank waits for another
-            flags = torch.tensor([loss_sum.item(), float(stop["requested"])], device=device)
-            if world > 1:
-                dist.all_reduce(flags)
-            if not math.isfinite(flags[0].item()):
-                print0(f"error: loss is {flags[0].item()} at step {step}; lower --blr or use --dtype "
-                       f"fp32 (last good checkpoint: {last_ckpt})", file=sys.stderr)
-                raise SystemExit(1)
-            loss_acc, n_acc = loss_acc + flags[0].item() / world, n_acc + 1
-            # 5) log
-            if step % cfg.log_every == 0 or step == total:
-                sync(device)
-                dt = time.perf_counter() - t_last
-                ms, rate = 1e3 * dt / (pairs_since / eff_batch), pairs_since / dt
-                loss_val = loss_acc / n_acc  # mean over the interval and the ranks
-                eta = (total - step) * ms / 1e3 / 3600
-                print0(f"step {step:06d}/{total} ({100 * step / total:.1f}%) | loss {loss_val:.4f} | "
-                       f"lr {lr:.2e} | {ms:.0f} ms/step (data {1e3 * t_data:.0f}) | {rate:.1f} pairs/s"
-                       f" | eta {eta:.2f}h", flush=True)
-                if rank == 0:
-                    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                        f.write(json.dumps(dict(step=step, epoch=step / steps_per_epoch, loss=loss_val,
-                                                lr=lr, ms_per_step=ms, pairs_per_s=rate)) + "\n")
-                t_last, pairs_since, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
-            # 6) pictures and checkpoints
+            n_steps += 1
+            # 4) at log and checkpoint steps (and after Ctrl-C on one process): check, log, save
+            log_now = step % cfg.log_every == 0 or step == total
+            ckpt_now = step % cfg.ckpt_every == 0 or step == total
+            stopping = False
+            if log_now or ckpt_now or (world == 1 and stop["requested"]):
+                loss_sum, stops = sum_over_ranks([interval, stop["requested"]], device, world)
+                loss_val, stopping = loss_sum / world / n_steps, stops > 0  # mean: steps and ranks
+                if not math.isfinite(loss_val):
+                    print0(f"error: loss is {loss_val} at step {step}; lower --blr or use --dtype "
+                           f"fp32 (last good checkpoint: {last_ckpt})", file=sys.stderr)
+                    raise SystemExit(1)
+                if log_now:
+                    dt = time.perf_counter() - t_last
+                    ms, rate, data = 1e3 * dt / n_steps, n_steps * eff_batch / dt, t_data / dt
+                    print0(f"step {step:06d}/{total} ({100 * step / total:.1f}%) | loss "
+                           f"{loss_val:.4f} | lr {lr:.2e} | {ms:.0f} ms/step (data {100 * data:.0f}%)"
+                           f" | {rate:.1f} pairs/s | eta {(total - step) * ms / 3.6e6:.2f}h", flush=True)
+                    if rank == 0:
+                        with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                            print(json.dumps(dict(step=step, epoch=step / steps_per_epoch, lr=lr,
+                                                  loss=loss_val, ms_per_step=ms, pairs_per_s=rate,
+                                                  data=data)), file=f)
+                    interval.zero_()
+                    n_steps, t_data, t_last = 0, 0.0, time.perf_counter()
             if rank == 0 and (step % cfg.fig_every == 0 or step == total):
                 path = os.path.join(cfg.out, f"recon_{step:06d}.png")
                 reconstruction_figure(path, frames, pred, mask, cfg.patch_size)
-            if step % cfg.ckpt_every == 0 or step == total or flags[1].item() > 0:
+            if ckpt_now or stopping:
+                if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():
+                    print0(f"error: parameters not finite at step {step}; lower --blr or use --dtype "
+                           f"fp32 (last good checkpoint: {last_ckpt})", file=sys.stderr)
+                    raise SystemExit(1)
                 if rank == 0:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
                 last_ckpt = f"{ckpt_path} at step {step}"
-            if flags[1].item() > 0:
+            if stopping:
                 print0(f"interrupted: checkpoint saved at step {step}; continue with --resume")
                 raise SystemExit(130)
     print0(f"done: {step} steps; checkpoint {ckpt_path}")

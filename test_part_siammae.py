@@ -209,6 +209,24 @@ def test_siammae_nan_loss_stops_with_exit_1_and_keeps_the_last_finite_checkpoint
     assert all(v.isfinite().all() for v in kept["model"].values())  # ... and it holds a finite model
 
 
+def test_siammae_syncs_with_the_host_only_at_log_and_checkpoint_steps(toy_videos, tmp_path, monkeypatch):
+    """No .item() / .tolist() per step: 6 steps logged every 3 read values back twice (steps 3 and 6), in the
+    one sum_over_ranks call of each check."""
+    reads = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(t, *a, _real=real, _name=name):
+            if sys._getframe(1).f_code.co_filename == siammae.__file__:  # calls made in siammae.py only
+                reads.append((_name, sys._getframe(1).f_code.co_name))
+            return _real(t, *a)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    siammae.main(TINY + ["--data", toy_videos, "--batch-size", "4", "--max-steps", "6", "--log-every", "3",
+                         "--ckpt-every", "100", "--out", str(tmp_path)])
+    assert reads == [("tolist", "sum_over_ranks")] * 2, reads
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [3, 6]
+
+
 def test_siammae_ddp_two_gloo_processes_match_one_process(toy_videos, tmp_path):
     common = TINY + ["--data", toy_videos, "--max-steps", "2", "--ckpt-every", "100"]
     siammae.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])

@@ -25,6 +25,7 @@ Sections: Config, ViT, Masking, Model, Loss, Data, Schedule, Checkpoint, Train l
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -605,11 +606,17 @@ def make_loader(cfg, rank, world, device, print0):
     return loader, sampler
 
 
+@functools.cache
+def mean_std(device):
+    """MEAN and STD as (1, 3, 1, 1) tensors on the device, made once: a copy to the GPU at every
+    step would wait for the GPU each time."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+
+
 def normalize(x, device):
     """uint8 (B, 3, S, S) -> normalized float on the device."""
     x = x.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    mean, std = mean_std(device)
     return (x - mean) / std
 
 
@@ -772,7 +779,7 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 online, target, noise = next(batches)
                 online, target = normalize(online, device), normalize(target, device)
-                noise = noise.to(device)
+                noise = noise.to(device, non_blocking=True)
                 t_data += time.perf_counter() - t0
                 sync_grads = micro == cfg.accum - 1 or world == 1
                 with (nullcontext() if sync_grads else model.no_sync()), ctx:
@@ -1066,7 +1073,7 @@ def bench(cfg, model, device, ctx, dtype, steps=5):
     batch = synthetic_batch(cfg, cfg.batch_size, device)
     flops = train_flops(model, cfg, device, cfg.batch_size)
     times = []
-    for i in range(steps + 2):  # the first two steps warm up allocators and caches
+    for _ in range(steps + 2):  # the first two steps warm up allocators and caches
         sync(device)
         t = time.perf_counter()
         with ctx:

@@ -55,7 +55,7 @@ class Config:
     data: str = ""               # folder of videos, searched recursively (UCF101, Kinetics-400);
                                  # empty: the toy videos, with --preset toy
     out: str = "out/siammae"     # checkpoint.pt, log.jsonl, video_index.json and figures go here
-    preset: str = ""             # toy: small settings for a CPU demo, under the flags given
+    preset: str = ""             # toy: small settings for a CPU demo; the flags given override it
     # model (the paper's ViT-S/16; Table 4a: 224 px)
     model: str = "vit_small"     # encoder size: vit_tiny | vit_small | vit_base | vit_large
     patch_size: int = 16         # 16 or 8 pixels; ViT-S/8 has the best DAVIS score (Table 1)
@@ -69,8 +69,8 @@ class Config:
     decoder_dim: int = 512       # decoder width (MAE's default; see --decoder-depth)
     decoder_heads: int = 16      # decoder attention heads (MAE's default); divides --decoder-dim
     # masking and sampling (§3, Masking; Table 4a)
-    mask: float = 0.95           # fraction of f2's patches hidden, 0.95 in the paper (§3,
-                                 # Masking); f1 is never masked. Lower makes the task easier
+    mask: float = 0.95           # fraction of f2's patches hidden (§3, Masking: 0.95); f1 is never
+                                 # masked. Lower makes the task easier
     gap: tuple = (4, 48)         # frames from f1 to f2, drawn uniformly in [MIN, MAX] (Table 4a)
     crop_scale: tuple = (0.5, 1.0)  # RandomResizedCrop area range, the SAME crop and flip on
                                     # both frames (Table 4a)

@@ -209,6 +209,27 @@ def test_siammae_nan_loss_stops_with_exit_1_and_keeps_the_last_finite_checkpoint
     assert all(v.isfinite().all() for v in kept["model"].values())  # ... and it holds a finite model
 
 
+def test_siammae_never_saves_a_model_with_non_finite_parameters(toy_videos, tmp_path, capsys, monkeypatch):
+    """An update that leaves an inf in the weights while the loss of that step was finite: exit 1 at the next check,
+    and the checkpoint on disk stays the one before."""
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_poison(opt, *a, **k):
+        out = real_step(opt, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                opt.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_poison)
+    with pytest.raises(SystemExit) as e:
+        siammae.main(TINY + ["--data", toy_videos, "--batch-size", "4", "--max-steps", "6", "--ckpt-every", "1",
+                             "--out", str(tmp_path)])
+    assert e.value.code == 1 and "parameters not finite at step 3" in capsys.readouterr().err
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert kept["step"] == 2 and all(v.isfinite().all() for v in kept["model"].values())
+
+
 def test_siammae_syncs_with_the_host_only_at_log_and_checkpoint_steps(toy_videos, tmp_path, monkeypatch):
     """No .item() / .tolist() per step: 6 steps logged every 3 read values back twice (steps 3 and 6), in the
     one sum_over_ranks call of each check."""

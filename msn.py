@@ -25,6 +25,7 @@ Plumbing. "Official" is facebookresearch/msn at its release; where the paper tex
 differ, this file follows the code and says so.
 """
 import argparse
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -316,11 +317,8 @@ class MSN(nn.Module):
         bound = cfg.output_dim ** -0.5  # official: U(±1/√E), learned, no weight decay, not EMA'd
         protos = torch.empty(cfg.num_proto, cfg.output_dim).uniform_(-bound, bound)  # (K, E)
         self.prototypes = nn.Parameter(protos)
-        # the target network starts as an exact copy (official deepcopy), then follows the EMA
-        self.target_encoder = ViT(cfg.img_size, cfg.patch_size, v["dim"], v["depth"], v["heads"])
-        self.target_head = projection_head(v["dim"], cfg.hidden_dim, cfg.output_dim)
-        self.target_encoder.load_state_dict(self.encoder.state_dict())
-        self.target_head.load_state_dict(self.head.state_dict())
+        # the target network starts as an exact copy (official copy.deepcopy), then follows the EMA
+        self.target_encoder, self.target_head = copy.deepcopy(self.encoder), copy.deepcopy(self.head)
         for p in self.target_parameters():
             p.requires_grad_(False)
 
@@ -375,9 +373,9 @@ def sharpen(p, T):
 
 @torch.no_grad()
 def sinkhorn(Q, iters=3):
-    """Sinkhorn-Knopp balancing of the targets (official distributed_sinkhorn, 3 iterations; not in
-    the paper's text, on in the released config). Q (B, K) -> (B, K): rows still sum to 1, columns
-    (prototypes) are pushed towards the uniform share B_total / K. Sums span all ranks."""
+    """Sinkhorn-Knopp balancing of the targets (official distributed_sinkhorn, 3 iterations, on in
+    the released config). Q (B, K) -> (B, K): rows still sum to 1, columns (prototypes) are pushed
+    towards the uniform share B_total / K. Sums span all ranks."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     all_sum = (lambda x: dist.all_reduce(x) or x) if world > 1 else (lambda x: x)  # in place
     Q, B, K = Q.clone(), Q.shape[0] * world, Q.shape[1]

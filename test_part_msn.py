@@ -175,7 +175,8 @@ def test_msn_state_dict_holds_online_target_and_prototypes_with_timm_names():
                   "blocks.1.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
                   "blocks.0.mlp.fc2.bias", "norm.weight"):
             assert prefix + k in keys, prefix + k
-    assert {"prototypes", "head.fc1.weight", "head.bn1.running_mean", "head.fc3.weight", "target_head.bn2.weight"} <= keys
+    assert {"prototypes", "head.fc1.weight", "head.bn1.running_mean", "head.fc3.weight",
+            "target_head.bn2.weight"} <= keys
 
 
 # --- schedules ---------------------------------------------------------------
@@ -191,7 +192,8 @@ def test_msn_schedules_start_at_their_start_values_and_span_1_25x_the_run():
     assert msn.lr_at(mid, warmup, horizon, 2e-4, 1e-3, 1e-6) == pytest.approx((1e-3 + 1e-6) / 2)
     assert msn.cosine_at(0, horizon, 0.04, 0.4) == pytest.approx(0.04)
     assert msn.cosine_at(horizon, horizon, 0.04, 0.4) == pytest.approx(0.4)
-    assert msn.cosine_at(total, horizon, 0.04, 0.4) == pytest.approx(0.4 - 0.36 * 0.5 * (1 + math.cos(0.8 * math.pi)))
+    at_total = 0.4 - 0.36 * 0.5 * (1 + math.cos(0.8 * math.pi))
+    assert msn.cosine_at(total, horizon, 0.04, 0.4) == pytest.approx(at_total)
     assert msn.linear_at(0, horizon, 0.996, 1.0) == pytest.approx(0.996)
     assert msn.linear_at(total, horizon, 0.996, 1.0) == pytest.approx(0.996 + 0.004 * 0.8)  # ends short of 1
 
@@ -204,7 +206,8 @@ def test_msn_update_0_uses_lr_and_wd_of_step_1_and_the_ema_after_it_the_start_mo
     states, original = {}, msn.save_checkpoint
 
     def keep(path, model, optimizer, scaler, step, cfg):
-        states[step] = ({k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()["param_groups"])
+        params = {k: v.clone() for k, v in model.state_dict().items()}
+        states[step] = params, optimizer.state_dict()["param_groups"]
         original(path, model, optimizer, scaler, step, cfg)
     monkeypatch.setattr(msn, "save_checkpoint", keep)
     args = MSN_TINY + ["--data", msn_toy_images, "--batch-size", "8", "--max-steps", "6", "--ckpt-every", "1",
@@ -294,8 +297,8 @@ def test_msn_ctrl_c_saves_at_the_next_step_and_exits_130(msn_toy_images, tmp_pat
     monkeypatch.setattr(msn, "stop_on_sigint", lambda: {"requested": True})  # as if Ctrl-C came during step 1
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        msn.main(MSN_TINY + ["--data", msn_toy_images, "--batch-size", "8", "--max-steps", "5", "--log-every", "100",
-                             "--ckpt-every", "100", "--out", str(out)])
+        msn.main(MSN_TINY + ["--data", msn_toy_images, "--batch-size", "8", "--max-steps", "5",
+                             "--log-every", "100", "--ckpt-every", "100", "--out", str(out)])
     assert e.value.code == 130 and "interrupted: checkpoint saved at step 1" in capsys.readouterr().out
     assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 1
 
@@ -314,7 +317,8 @@ def test_msn_non_finite_loss_or_parameters_stop_before_anything_is_saved(msn_toy
         msn.main(args + ["--out", str(tmp_path / "nan")])
     assert e.value.code == 1 and "error: loss is nan at step 3" in capsys.readouterr().err
     state = torch.load(tmp_path / "nan" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert state["step"] == 2 and all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+    assert state["step"] == 2
+    assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
     monkeypatch.setattr(msn, "msn_loss", original)
     ema, updates = msn.ema_update, []
 
@@ -407,21 +411,23 @@ def test_msn_help_shows_every_flag_with_its_help_and_bool_flags_can_be_undone(ca
 
 def test_msn_short_toy_run_lowers_the_cross_entropy_without_collapse(msn_toy_images, tmp_path):
     """A short MSN run on toy scenes: the cross-entropy to the targets falls (mean of the last 5 steps vs the first 5,
-    the untrained network's, by more than 0.1) while the mean prediction stays spread over the prototypes (H(p̄) near
-    log K: ME-MAX prevents collapse). (Whether k-NN improves: the next test.)"""
+    the untrained network's) while the mean prediction stays spread over the prototypes (H(p̄) near log K: ME-MAX
+    prevents collapse). Measured for seeds 0-2: drops 0.82, 1.39, 0.99; H(p̄) >= 0.985 log K over the last 5 steps.
+    (Whether k-NN improves: the next test.)"""
     args = MSN_TINY + ["--data", msn_toy_images, "--batch-size", "20", "--max-steps", "30", "--lr", "2e-3",
                        "--out", str(tmp_path)]
     msn.main(args)
     logs = msn_log(tmp_path)
     ce = [r["ce"] for r in logs]
-    assert len(ce) == 30 and np.mean(ce[-5:]) < np.mean(ce[:5]) - 0.1, ce
-    assert all(r["ent_mean"] > 0.9 * math.log(8) for r in logs[-5:])
+    assert len(ce) == 30 and np.mean(ce[-5:]) < np.mean(ce[:5]) - 0.4, ce
+    assert all(r["ent_mean"] > 0.95 * math.log(8) for r in logs[-5:])
 
 
 def test_msn_short_toy_run_improves_knn_over_the_untrained_network(toy_photos, tmp_path):
-    """100 steps of a 2-block MSN at 32 px (~15 s; the toy preset otherwise, EMA momentum 0.9 included) make the
-    target encoder's k-NN (evaluate.py) beat the same encoder at step 0 on photos of the toy scenes, which differ by
-    framing and lighting: chance is 16.7 %; measured 78 -> 93, 81 -> 92, 73 -> 93 for seeds 0-2."""
+    """100 steps of a 2-block MSN at 32 px (the toy preset otherwise, EMA momentum 0.9 included) make the target
+    encoder's k-NN (evaluate.py, through --eval) beat the same encoder at step 0 on photos of the toy scenes, which
+    differ by framing and lighting: chance is 16.7 %; measured 76.7 -> 93.3, 80.0 -> 91.7, 71.7 -> 95.0 for seeds
+    0-2 (gains 11.7 to 23.3 points)."""
     size = ["--preset", "toy", "--model", "vit_micro", "--patch-size", "8", "--img-size", "32", "--workers", "0"]
     before, after = knn_before_and_after(
         msn, size + ["--focal-size", "16", "--focal-views", "2", "--max-steps", "100", "--log-every", "50",

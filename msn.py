@@ -10,7 +10,7 @@ with 1024 learned prototypes (cosine similarity, softmax): each anchor's soft as
 its image's sharpened target assignment, while the mean assignment over the batch stays spread out
 (ME-MAX). No pixels are reconstructed: the masked view is "denoised" in representation space.
 
-    python msn.py                          # toy demo on a 2-core CPU (~1 min): k-NN before / after
+    python msn.py                          # toy demo, 2-core CPU (~1.5 min): k-NN before / after
     python msn.py --data imagenet/         # one GPU (or CPU), official ViT-S/16 defaults
     torchrun --nproc_per_node=8 msn.py --data imagenet/ --batch-size 128   # 1024 images per step
     python msn.py --data imagenet/ --eval  # + evaluate.py's k-NN and few-shot, before and after
@@ -110,7 +110,7 @@ class Config:
     ckpt_every: int = 500        # steps between checkpoints (one more at the end)
 
 
-PRESETS = {  # `python msn.py`: a demo on a 2-core CPU (toy scenes, ~1 min), k-NN before / after
+PRESETS = {  # `python msn.py`: a demo on a 2-core CPU (toy scenes, ~1.5 min), k-NN before / after
     # momentum 0.9 (-> 1): MSN evaluates the EMA target, and at the official 0.996 it averages over
     # ~1/(1 - m) = 250 steps, twice this 120-step run, so it would end near its initialisation
     # (measured: k-NN 78 -> 75 with 0.996, 78 -> 96 with 0.9). 0.996 fits the official ~1M steps.
@@ -318,7 +318,8 @@ class MSN(nn.Module):
         protos = torch.empty(cfg.num_proto, cfg.output_dim).uniform_(-bound, bound)  # (K, E)
         self.prototypes = nn.Parameter(protos)
         # the target network starts as an exact copy (official copy.deepcopy), then follows the EMA
-        self.target_encoder, self.target_head = copy.deepcopy(self.encoder), copy.deepcopy(self.head)
+        self.target_encoder = copy.deepcopy(self.encoder)
+        self.target_head = copy.deepcopy(self.head)
         for p in self.target_parameters():
             p.requires_grad_(False)
 
@@ -541,9 +542,9 @@ def to_model_input(batch, device):
 # Schedule (official src/utils.py WarmupCosineSchedule, CosineWDSchedule; msn_train.py's momentum)
 # Pure functions of the step, so nothing is replayed on resume, read as the official loop reads its
 # schedules: it calls scheduler.step() and wd_scheduler.step() (which count up, then compute) BEFORE
-# optimizer.step(), so update i uses lr and wd of step i + 1; it takes next(momentum_scheduler) AFTER
-# the update, so the EMA after update i uses momentum i (its sharpening generator, read before the
-# loss, gives T_i: 0.25 throughout in the released config). lr and wd span int(1.25 x total) steps,
+# optimizer.step(), so update i uses lr and wd of step i + 1; it takes next(momentum_scheduler)
+# AFTER the update, so the EMA after update i uses momentum i (its sharpening generator, read before
+# the loss, gives T_i: 0.25 throughout in the released config). lr and wd span int(1.25 x total) steps,
 # the momentum 1.25 x total: the run stops at 80 % of each (wd near 0.366, momentum near 0.9992).
 
 def lr_at(step, warmup, horizon, start, peak, final):

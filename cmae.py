@@ -43,7 +43,6 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -113,7 +112,7 @@ class Config:
     bench: bool = False           # time training steps on synthetic input, print one line, exit
     show_views: bool = False      # write <out>/views.png (crop | online | shifted | +colour), exit
     eval: bool = False            # evaluate.py's k-NN and few-shot on --data's val/, before and
-                                  # after training; the toy preset turns it on
+                                  # after training (under torchrun: after only); the toy preset: on
     # logging
     log_every: int = 20           # steps between log lines and log.jsonl records
     fig_every: int = 1000         # steps between reconstruction figures (one more at the end)
@@ -314,12 +313,31 @@ class Decoder(nn.Module):
         return self.decoder_pred(self.decoder_norm(y))[:, 1:]  # (B, N, out), cls dropped
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Σ over the DDP ranks, differentiable: every rank's output feeds every rank's loss, so the
+    backward sums the incoming gradients over the ranks too (what torch.distributed.nn's all_reduce
+    does; torch 2.14 deprecates that one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics span the GLOBAL batch (all DDP ranks), as the official SyncBatchNorm.
-    Not nn.SyncBatchNorm: that one needs a GPU, and DDP on CPU (gloo) must give the numbers of one process.
-    Training: μ = Σx / n, σ² = Σ(x − μ)² / n over all n = W·B rows (two passes, autograd-aware all_reduce, so the
-    backward sums the statistics' gradients over ranks, as SyncBN does); y = γ(x − μ)/√(σ² + ε) + β. Eval: running
-    statistics. Same parameters and buffers as nn.BatchNorm1d."""
+    """BatchNorm1d whose training statistics span the GLOBAL batch (all DDP ranks), as the official
+    SyncBatchNorm. Not nn.SyncBatchNorm: that one needs a GPU, and DDP on CPU (gloo) must give the
+    numbers of one process. Training: μ = Σx / n, σ² = Σ(x − μ)² / n over all n = W·B rows (two
+    passes through AllReduceSum, so the backward sums the statistics' gradients over the ranks, as
+    SyncBN's does); y = γ(x − μ)/√(σ² + ε) + β. Eval: the running statistics. Same parameters and
+    buffers as nn.BatchNorm1d."""
 
     def forward(self, x):
         if not self.training:
@@ -327,10 +345,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         x = x.float()  # statistics in fp32, also under bf16 autocast
         world = dist.get_world_size() if dist.is_initialized() else 1
         n = x.shape[0] * world  # every rank has the same batch size (EpochSampler)
-        total = (lambda t: dist_nn.all_reduce(t)) if world > 1 else (lambda t: t)  # Σ over ranks, with gradient
+        total = AllReduceSum.apply if world > 1 else (lambda t: t)  # Σ over the ranks
         mean = total(x.sum(0)) / n  # (C,)
         var = total(((x - mean) ** 2).sum(0)) / n  # (C,) biased, as BatchNorm normalizes
-        with torch.no_grad():  # running statistics as nn.BatchNorm1d (unbiased variance); used in eval mode only
+        with torch.no_grad():  # running statistics as nn.BatchNorm1d's (unbiased variance)
             self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
             self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * n / max(n - 1, 1))
             self.num_batches_tracked += 1
@@ -609,9 +627,9 @@ def make_loader(cfg, rank, world, device, print0):
 
 @functools.cache
 def mean_std(device):
-    """MEAN and STD as (1, 3, 1, 1) tensors on the device, made once: a copy to the GPU at every
-    step would wait for the GPU each time."""
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+    """MEAN and STD as (3, 1, 1) tensors on the device, made once: a copy to the GPU at every step
+    would wait for the GPU each time."""
+    return tuple(torch.tensor(v, device=device).view(3, 1, 1) for v in (MEAN, STD))
 
 
 def normalize(x, device):
@@ -702,10 +720,10 @@ def load_checkpoint(path, model, optimizer, scaler, cfg):
 # Train loop
 
 def evaluate_encoder(model, cfg, device, step):
-    """evaluate.py's k-NN and few-shot top-1 of the online encoder (what CMAE trains) on the
-    labelled val/ of the data. In a forked RNG: evaluating leaves the run's random stream alone."""
+    """evaluate.py's k-NN and few-shot top-1 of the online encoder, the one CMAE trains and
+    fine-tunes, on --data's val/. In a forked RNG: the run's random stream stays."""
     import evaluate  # the project's one label-efficient protocol, shared by the three trainers
-    desc, heads = f"cmae {cfg.model}/{cfg.patch_size} step {step}", VIT[cfg.model]["heads"]
+    desc, heads = f"cmae encoder {cfg.model}/{cfg.patch_size} step {step}", VIT[cfg.model]["heads"]
     with torch.random.fork_rng(devices=[]):
         return evaluate.evaluate_vit(model.encoder.state_dict(), cfg.img_size, data_root(cfg),
                                      device, desc, workers=cfg.workers, seed=cfg.seed, heads=heads)
@@ -754,7 +772,9 @@ def main(argv=None):
     print0("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     raw_model = model
     evals = dict(before=None)  # --eval: evaluate.py at step 0 and after the last step, in eval.json
-    if cfg.eval and rank == 0 and step == 0:
+    if cfg.eval and world > 1:  # the other ranks would wait for rank 0's evaluation in a collective
+        print0("--eval under torchrun: evaluating after training only")
+    if cfg.eval and world == 1 and step == 0:
         evals["before"] = evaluate_encoder(raw_model, cfg, device, step)
     if cfg.compile:
         model = torch.compile(model)

@@ -27,6 +27,7 @@ differ, this file follows the code and says so.
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -42,7 +43,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -97,7 +97,7 @@ class Config:
     clip_grad: float = 3.0       # max grad norm of encoder + head (official; not the prototypes)
     accum: int = 1               # gradient accumulation micro-steps per optimizer step
     eval: bool = False           # evaluate.py's k-NN and few-shot on --data's val/, before and
-                                 # after training (the toy preset turns it on)
+                                 # after training (under torchrun: after only); the toy preset: on
     # machine
     workers: int = 8             # DataLoader processes per GPU (12 augmented views an image)
     device: str = "auto"         # auto | cuda | cpu
@@ -275,12 +275,31 @@ def gather_tokens(x, ids):
 # One module holds it all, so one state_dict does: encoder.*, head.*, prototypes, target_encoder.*,
 # target_head.* (propagate.py and evaluate.py read target_encoder.* from MSN checkpoints).
 
+class AllReduceSum(torch.autograd.Function):
+    """Σ over the DDP ranks, differentiable: every rank's output feeds every rank's loss, so the
+    backward sums the incoming gradients over the ranks too (what torch.distributed.nn's all_reduce
+    does; torch 2.14 deprecates that one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics span the GLOBAL batch (all DDP ranks), as the official SyncBatchNorm.
-    Not nn.SyncBatchNorm: that one needs a GPU, and DDP on CPU (gloo) must give the numbers of one process.
-    Training: μ = Σx / n, σ² = Σ(x − μ)² / n over all n = W·B rows (two passes, autograd-aware all_reduce, so the
-    backward sums the statistics' gradients over ranks, as SyncBN does); y = γ(x − μ)/√(σ² + ε) + β. Eval: running
-    statistics. Same parameters and buffers as nn.BatchNorm1d."""
+    """BatchNorm1d whose training statistics span the GLOBAL batch (all DDP ranks), as the official
+    SyncBatchNorm. Not nn.SyncBatchNorm: that one needs a GPU, and DDP on CPU (gloo) must give the
+    numbers of one process. Training: μ = Σx / n, σ² = Σ(x − μ)² / n over all n = W·B rows (two
+    passes through AllReduceSum, so the backward sums the statistics' gradients over the ranks, as
+    SyncBN's does); y = γ(x − μ)/√(σ² + ε) + β. Eval: the running statistics. Same parameters and
+    buffers as nn.BatchNorm1d."""
 
     def forward(self, x):
         if not self.training:
@@ -288,10 +307,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         x = x.float()  # statistics in fp32, also under bf16 autocast
         world = dist.get_world_size() if dist.is_initialized() else 1
         n = x.shape[0] * world  # every rank has the same batch size (EpochSampler)
-        total = (lambda t: dist_nn.all_reduce(t)) if world > 1 else (lambda t: t)  # Σ over ranks, with gradient
+        total = AllReduceSum.apply if world > 1 else (lambda t: t)  # Σ over the ranks
         mean = total(x.sum(0)) / n  # (C,)
         var = total(((x - mean) ** 2).sum(0)) / n  # (C,) biased, as BatchNorm normalizes
-        with torch.no_grad():  # running statistics as nn.BatchNorm1d (unbiased variance); used in eval mode only
+        with torch.no_grad():  # running statistics as nn.BatchNorm1d's (unbiased variance)
             self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
             self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * n / max(n - 1, 1))
             self.num_batches_tracked += 1
@@ -391,11 +410,11 @@ def sinkhorn(Q, iters=3):
 
 def mean_prediction(probs):
     """p̄ = the mean anchor prediction over the batch and all ranks (official AllReduce: average
-    forward, gradient passed through). This autograd all-reduce sums the gradient over ranks; every
-    rank computing the same ME-MAX term, that is the pass-through once DDP averages gradients."""
+    forward, gradient passed through). AllReduceSum sums the gradient over the ranks; every rank
+    computing the same ME-MAX term, that is the pass-through once DDP averages the gradients."""
     p_mean = probs.mean(dim=0)  # (K,)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        p_mean = dist_nn.all_reduce(p_mean) / dist.get_world_size()
+        p_mean = AllReduceSum.apply(p_mean) / dist.get_world_size()
     return p_mean
 
 
@@ -531,9 +550,16 @@ def make_loader(cfg, rank, world, device, print0):
     return loader, sampler
 
 
+@functools.cache
+def mean_std(device):
+    """MEAN and STD as (3, 1, 1) tensors on the device, made once: a copy to the GPU at every step
+    would wait for the GPU each time."""
+    return tuple(torch.tensor(v, device=device).view(3, 1, 1) for v in (MEAN, STD))
+
+
 def to_model_input(batch, device):
     """uint8 views from the loader -> normalized float on the device; the noise as it is."""
-    mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (MEAN, STD))
+    mean, std = mean_std(device)
     *views, noise = (x.to(device, non_blocking=True) for x in batch)
     return *((v.float().div_(255) - mean) / std for v in views), noise
 
@@ -631,12 +657,14 @@ def forward_loss(model, prototypes, batch, cfg, ctx):
                     cfg.memax_weight, cfg.ent_weight, sinkhorn_iters=3 if cfg.sinkhorn else 0)
 
 
-def evaluate_target(model, cfg, device, desc):
-    """evaluate.py on the EMA target encoder, the one MSN evaluates (official logistic_eval.py)."""
-    import evaluate  # here: msn.py runs without evaluate.py unless --eval
-    return evaluate.evaluate_vit(model.target_encoder.state_dict(), cfg.img_size, data_root(cfg),
-                                 device, desc, workers=min(cfg.workers, 4),
-                                 heads=VIT[cfg.model]["heads"])
+def evaluate_encoder(model, cfg, device, step):
+    """evaluate.py's k-NN and few-shot top-1 of the EMA target encoder, the one MSN evaluates
+    (official logistic_eval.py), on --data's val/. In a forked RNG: the run's random stream stays."""
+    import evaluate  # the project's one label-efficient protocol, shared by the three trainers
+    desc, heads = f"msn target_encoder {cfg.model}/{cfg.patch_size} step {step}", VIT[cfg.model]["heads"]
+    with torch.random.fork_rng(devices=[]):
+        return evaluate.evaluate_vit(model.target_encoder.state_dict(), cfg.img_size, data_root(cfg),
+                                     device, desc, workers=cfg.workers, seed=cfg.seed, heads=heads)
 
 
 def main(argv=None):
@@ -680,8 +708,10 @@ def main(argv=None):
         print0(f"resumed from {ckpt_path} at step {step}")
     print0("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     evals = dict(before=None)  # -> <out>/eval.json: evaluate.py's results at step 0 and at the end
-    if cfg.eval and rank == 0 and step == 0:
-        evals["before"] = evaluate_target(model, cfg, device, "msn target_encoder step 0")
+    if cfg.eval and world > 1:  # the other ranks would wait for rank 0's evaluation in a collective
+        print0("--eval under torchrun: evaluating after training only")
+    if cfg.eval and world == 1 and step == 0:
+        evals["before"] = evaluate_encoder(model, cfg, device, step)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -769,7 +799,7 @@ def main(argv=None):
                 raise SystemExit(130)
     print0(f"done: {step} steps; checkpoint {ckpt_path}")
     if cfg.eval and rank == 0:
-        evals["after"] = evaluate_target(raw_model, cfg, device, f"msn target_encoder step {step}")
+        evals["after"] = evaluate_encoder(raw_model, cfg, device, step)
         atomic_write_text(os.path.join(cfg.out, "eval.json"), json.dumps(evals, indent=1))
     if world > 1:
         dist.destroy_process_group()

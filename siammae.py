@@ -21,6 +21,7 @@ Sections: Config | ViT | Masking | Model | Loss | Data | Schedule | Checkpoint |
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -513,11 +514,17 @@ def make_loader(cfg, rank, world, device, print0):
     return loader, sampler
 
 
+@functools.cache
+def mean_std(device):
+    """MEAN and STD as (3, 1, 1) tensors on the device, made once: a copy to the GPU at every step
+    would wait for the GPU each time."""
+    return tuple(torch.tensor(v, device=device).view(3, 1, 1) for v in (MEAN, STD))
+
+
 def to_model_input(clips, noise, device):
     """uint8 (V, R, 2, 3, S, S) -> normalized (V·R, 2, 3, S, S) on the device; noise -> (V·R, N)."""
     x = clips.to(device, non_blocking=True).flatten(0, 1).float().div_(255)
-    mean = torch.tensor(MEAN, device=device).view(1, 1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 1, 3, 1, 1)
+    mean, std = mean_std(device)
     return (x - mean) / std, noise.to(device, non_blocking=True).flatten(0, 1)
 
 

@@ -1611,7 +1611,7 @@ def test_msn_bench_prints_one_summary_line(capsys):
 def test_msn_help_shows_every_flag_with_its_help_and_bool_flags_can_be_undone(capsys):
     helps = msn.config_help()
     assert set(helps) == {f.name for f in dataclasses.fields(msn.Config)} and all(helps.values())
-    assert helps["eval"].endswith("after training (the toy preset turns it on)")  # joined over two lines
+    assert helps["eval"].endswith("after training (under torchrun: after only); the toy preset: on")  # 2 lines
     with pytest.raises(SystemExit) as e:
         msn.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -2018,7 +2018,7 @@ def test_cmae_help_documents_every_flag_and_bool_flags_undo_the_preset(capsys):
     for f in dataclasses.fields(cmae.Config):
         assert helps.get(f.name), f"--{f.name} has no help"
         assert "--" + f.name.replace("_", "-") in text and "".join(helps[f.name].split()) in text, f.name
-    assert helps["eval"].endswith("before and after training; the toy preset turns it on")  # two comment lines
+    assert helps["eval"].endswith("after training (under torchrun: after only); the toy preset: on")  # 2 lines
     assert cmae.parse_config([]).eval and not cmae.parse_config(["--no-eval"]).eval
     assert not cmae.parse_config(["--data", "somewhere"]).eval
 

@@ -185,7 +185,7 @@ def evaluate_vit(vit_state, img_size, root, device, desc, workers=0, seed=0, pri
     titles = ["k-NN top-1"] + [f"{n}-shot" for n in res["shots"]] + list(res["subsets"])
     cells = [f"{res['knn_top1']:10.1f}"] + [f"{s['mean']:5.1f} ± {s['std']:4.1f}"
                                             for s in res["shots"].values()]
-    print0(f"eval | {desc} | {arch} at {img_size}px | {root}: {len(ty)} train / {len(vy)} val, "
+    print0(f"eval | {desc} | {img_size} px | {root}: {len(ty)} train / {len(vy)} val, "
            f"{C} classes | {time.perf_counter() - t0:.1f}s\n  " + " | ".join(titles) + "\n  "
            + " | ".join(cells + [f"{v:5.1f}" for v in res["subsets"].values()]), flush=True)
     return res

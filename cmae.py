@@ -778,8 +778,9 @@ def main(argv=None):
         evals["before"] = evaluate_encoder(raw_model, cfg, device, step)
     if cfg.compile:
         model = torch.compile(model)
-    if world > 1:
+    if dist.is_initialized():  # under torchrun, also with one process (the 1-GPU test of NCCL DDP)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        print0(f"DDP: {world} process(es), {dist.get_backend()} all-reduce of the gradients")
     stop = stop_on_sigint()  # Ctrl-C: checkpoint at the next check step, exit 130
 
     interval, n_interval = torch.zeros(3, device=device), 0  # Σ (L, L_r, L_c) since the last log
@@ -857,7 +858,7 @@ def main(argv=None):
     if cfg.eval and rank == 0:
         evals["after"] = evaluate_encoder(raw_model, cfg, device, step)
         atomic_write_text(os.path.join(cfg.out, "eval.json"), json.dumps(evals, indent=1))
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return raw_model
 
@@ -1067,10 +1068,12 @@ def train_flops(model, cfg, device, batch):
     return fc.get_total_flops() / 2 * batch
 
 
-def matmul_rate(device, dtype, n=2048, reps=10):
-    """FLOP/s of an n x n x n matmul, median of `reps` after one warm-up: the reference for '% of this machine's
-    matmul rate' in --bench."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+def matmul_rate(device, dtype, reps=10):
+    """FLOP/s of an n x n x n matmul in the step's precision, n = 8192 on a GPU (2048 would not fill
+    it) and 2048 on a CPU, median of `reps` after a warm-up: --bench's "% of the matmul rate"."""
+    n = 8192 if device.type == "cuda" else 2048
+    mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=mm_dtype) for _ in range(2))
     times = []
     for _ in range(reps + 1):
         sync(device)
@@ -1078,7 +1081,12 @@ def matmul_rate(device, dtype, n=2048, reps=10):
         a @ b
         sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times[1:])
+    return 2 * n ** 3 / statistics.median(times[1:]), n
+
+
+def flop_rate(x):
+    """FLOP/s in the unit that reads best: TFLOP/s on a GPU, GFLOP/s on a CPU."""
+    return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
 
 
 def sync(device):
@@ -1087,33 +1095,36 @@ def sync(device):
 
 
 def bench(cfg, model, device, ctx, dtype, steps=5):
-    """Times full training steps (forward, backward, AdamW, EMA) on synthetic input; prints one line
-    with the FLOP rate against this machine's matmul rate."""
+    """Times whole training steps on random input as main() runs them (autocast, the fp16 scaler,
+    fused AdamW, EMA; compiled with --compile): one line with the FLOP rate against this device's
+    matmul rate in the step's precision. The first two steps (and any compiling) only warm up."""
     groups = param_groups(model, cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     batch = synthetic_batch(cfg, cfg.batch_size, device)
     flops = train_flops(model, cfg, device, cfg.batch_size)
+    step_model = torch.compile(model) if cfg.compile else model
     times = []
-    for _ in range(steps + 2):  # the first two steps warm up allocators and caches
+    for _ in range(steps + 2):
         sync(device)
         t = time.perf_counter()
         with ctx:
-            loss = bench_loss(model, cfg, *batch)
-        loss.backward()
-        opt.step()
+            loss = bench_loss(step_model, cfg, *batch)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         ema_update(model.target_parameters(), model.online_parameters(), cfg.momentum)
         sync(device)
         times.append(time.perf_counter() - t)
-    dt = statistics.median(times[2:])
-    peak = matmul_rate(device, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    dt, (peak, n), B = statistics.median(times[2:]), matmul_rate(device, dtype), cfg.batch_size
     print(f"bench | {cfg.model}/{cfg.patch_size} {cfg.img_size}px | pixel decoder "
           f"{cfg.decoder_depth}x{cfg.decoder_dim}x{cfg.decoder_heads}, feature decoder "
-          f"{cfg.feat_decoder_depth}x{cfg.feat_decoder_dim}x{cfg.feat_decoder_heads} | batch "
-          f"{cfg.batch_size} | mask {cfg.mask} block {cfg.mask_block} | {dt * 1e3:.0f} ms/step (median "
-          f"of {steps}) | {cfg.batch_size / dt:.2f} img/s | {flops / dt / 1e9:.1f} GFLOP/s = "
-          f"{100 * flops / dt / peak:.0f}% of {dtype} matmul {peak / 1e9:.1f} GFLOP/s (median 2048^3 "
-          f"on {device.type}, {torch.get_num_threads()} threads) | {flops / 1e9:.1f} GFLOP/step",
+          f"{cfg.feat_decoder_depth}x{cfg.feat_decoder_dim}x{cfg.feat_decoder_heads} | mask "
+          f"{cfg.mask} block {cfg.mask_block} | {dtype}, {'compiled' if cfg.compile else 'eager'} | "
+          f"batch {B} | {dt * 1e3:.1f} ms/step (median of {steps}) | {B / dt:.1f} img/s | "
+          f"{flop_rate(flops / dt)} = {100 * flops / dt / peak:.0f}% of {dtype} matmul "
+          f"{flop_rate(peak)} (median {n}^3 on {device.type}) | {flops / 1e9:.1f} GFLOP/step",
           flush=True)
 
 

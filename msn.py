@@ -715,8 +715,9 @@ def main(argv=None):
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    if world > 1:
+    if dist.is_initialized():  # under torchrun, also with one process (the 1-GPU test of NCCL DDP)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        print0(f"DDP: {world} process(es), {dist.get_backend()} all-reduce of the gradients")
 
     K, stop, last_ckpt = cfg.num_proto, stop_on_sigint(), "none yet"
     # sums over the log interval, on the device: loss, ce, me-max, H(p̄); prototype usage (K,)
@@ -801,7 +802,7 @@ def main(argv=None):
     if cfg.eval and rank == 0:
         evals["after"] = evaluate_encoder(raw_model, cfg, device, step)
         atomic_write_text(os.path.join(cfg.out, "eval.json"), json.dumps(evals, indent=1))
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return raw_model
 
@@ -930,10 +931,12 @@ def sum_over_ranks(values, device, world):
     return t.tolist()
 
 
-def matmul_rate(device, dtype, n=2048, reps=10):
-    """FLOP/s of an n x n x n matmul, median of `reps` after one warm-up: the reference for '% of this machine's
-    matmul rate' in --bench."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+def matmul_rate(device, dtype, reps=10):
+    """FLOP/s of an n x n x n matmul in the step's precision, n = 8192 on a GPU (2048 would not fill
+    it) and 2048 on a CPU, median of `reps` after a warm-up: --bench's "% of the matmul rate"."""
+    n = 8192 if device.type == "cuda" else 2048
+    mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=mm_dtype) for _ in range(2))
     times = []
     for _ in range(reps + 1):
         sync(device)
@@ -941,7 +944,12 @@ def matmul_rate(device, dtype, n=2048, reps=10):
         a @ b
         sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times[1:])
+    return 2 * n ** 3 / statistics.median(times[1:]), n
+
+
+def flop_rate(x):
+    """FLOP/s in the unit that reads best: TFLOP/s on a GPU, GFLOP/s on a CPU."""
+    return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
 
 
 def sync(device):
@@ -950,36 +958,42 @@ def sync(device):
 
 
 def bench(cfg, model, device, ctx, dtype, steps=5):
-    """Times training steps (forward, backward, AdamW, EMA) on random input: one summary line. The
-    FLOPs of a step are counted once, by FlopCounterMode (attention in the math kernel, so that its
-    matmuls count); the first two timed steps only warm up."""
+    """Times whole training steps on random input as main() runs them (autocast, the fp16 scaler,
+    fused AdamW, EMA; compiled with --compile): one line with the FLOP rate against this device's
+    matmul rate in the step's precision. The FLOPs of a step are counted once, by FlopCounterMode
+    (attention in the math kernel, so that its matmuls count); the first two timed steps (and any
+    compiling) only warm up."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     B, V, S, s = cfg.batch_size, cfg.focal_views, cfg.img_size, cfg.focal_size
     N = (S // cfg.patch_size) ** 2
     batch = (torch.randn(B, 3, S, S, device=device), torch.randn(B, 3, S, S, device=device),
              torch.randn(B, V, 3, s, s, device=device), torch.rand(B, N, device=device))
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, fused=True)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # one step's
         forward_loss(model, model.prototypes, batch, cfg, ctx)[0].backward()
     model.zero_grad(set_to_none=True)
+    step_model = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     times = []
-    for i in range(steps + 2):
+    for _ in range(steps + 2):
         sync(device)
         t = time.perf_counter()
-        forward_loss(model, model.prototypes, batch, cfg, ctx)[0].backward()
-        opt.step()
+        scaler.scale(forward_loss(step_model, model.prototypes, batch, cfg, ctx)[0]).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         ema_update(model.target_parameters(), model.online_parameters(), 0.996)
         sync(device)
         times.append(time.perf_counter() - t)
     dt, flops = statistics.median(times[2:]), counter.get_total_flops()
-    peak = matmul_rate(device, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    peak, n = matmul_rate(device, dtype)
     print(f"bench | {cfg.model}/{cfg.patch_size} | views 1+1 x {S}px (drop {cfg.patch_drop}) + "
-          f"{V} x {s}px | batch {B} | {dt * 1e3:.0f} ms/step (median of {steps}) | "
-          f"{B / dt:.2f} images/s | {flops / dt / 1e9:.1f} GFLOP/s = {100 * flops / dt / peak:.0f}%"
-          f" of {dtype} matmul {peak / 1e9:.1f} GFLOP/s (median 2048^3 on {device.type}, "
-          f"{torch.get_num_threads()} threads) | {flops / 1e9:.1f} GFLOP/step")
+          f"{V} x {s}px | {dtype}, {'compiled' if cfg.compile else 'eager'} | batch {B} | "
+          f"{dt * 1e3:.1f} ms/step (median of {steps}) | {B / dt:.1f} images/s | "
+          f"{flop_rate(flops / dt)} = {100 * flops / dt / peak:.0f}% of {dtype} matmul "
+          f"{flop_rate(peak)} (median {n}^3 on {device.type}) | {flops / 1e9:.1f} GFLOP/step",
+          flush=True)
 
 
 if __name__ == "__main__":

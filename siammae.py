@@ -625,8 +625,9 @@ def main(argv=None):
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    if world > 1:
+    if dist.is_initialized():  # under torchrun, also with one process (the 1-GPU test of NCCL DDP)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        print0(f"DDP: {world} process(es), {dist.get_backend()} all-reduce of the gradients")
 
     stop = stop_on_sigint()
     interval = torch.zeros((), dtype=torch.float64, device=device)  # Σ loss since the last log
@@ -697,7 +698,7 @@ def main(argv=None):
                 print0(f"interrupted: checkpoint saved at step {step}; continue with --resume")
                 raise SystemExit(130)
     print0(f"done: {step} steps; checkpoint {ckpt_path}")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return raw_model
 
@@ -842,10 +843,12 @@ def reconstruction_figure(path, frames, pred, mask, p, rows=4):
     os.replace(path + ".tmp.png", path)
 
 
-def matmul_rate(device, dtype, n=2048, reps=10):
-    """FLOP/s of an n x n x n matmul, median of `reps` after one warm-up: the reference for '% of this machine's
-    matmul rate' in --bench."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+def matmul_rate(device, dtype, reps=10):
+    """FLOP/s of an n x n x n matmul in the step's precision, n = 8192 on a GPU (2048 would not fill
+    it) and 2048 on a CPU, median of `reps` after a warm-up: --bench's "% of the matmul rate"."""
+    n = 8192 if device.type == "cuda" else 2048
+    mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=mm_dtype) for _ in range(2))
     times = []
     for _ in range(reps + 1):
         sync(device)
@@ -853,7 +856,12 @@ def matmul_rate(device, dtype, n=2048, reps=10):
         a @ b
         sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times[1:])
+    return 2 * n ** 3 / statistics.median(times[1:]), n
+
+
+def flop_rate(x):
+    """FLOP/s in the unit that reads best: TFLOP/s on a GPU, GFLOP/s on a CPU."""
+    return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
 
 
 def sync(device):
@@ -875,32 +883,36 @@ def train_flops_per_pair(model, cfg, device):
 
 
 def bench(cfg, model, device, ctx, dtype, steps=5):
-    """Times training steps on synthetic input: one line with GFLOP/s, % of the matmul rate."""
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, betas=(0.9, 0.95),
-                            fused=True)
+    """Times whole training steps on random input as main() runs them (autocast, the fp16 scaler,
+    fused AdamW; compiled with --compile): one line with the FLOP rate against this device's matmul
+    rate in the step's precision. The first two steps (and any compiling) only warm up."""
     B, S = cfg.batch_size, cfg.img_size
     frames = torch.randn(B, 2, 3, S, S, device=device)
     noise = torch.rand(B, (S // cfg.patch_size) ** 2, device=device)
     flops = train_flops_per_pair(model, cfg, device) * B
+    step_model = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, betas=(0.9, 0.95),
+                            fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     times = []
-    for _ in range(steps + 2):  # the first two steps warm up allocators and caches
+    for _ in range(steps + 2):
         sync(device)
         t = time.perf_counter()
         with ctx:
-            loss = reconstruction_loss(frames, *model(frames, noise), cfg.patch_size)
-        loss.backward()
-        opt.step()
+            loss = reconstruction_loss(frames, *step_model(frames, noise), cfg.patch_size)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         sync(device)
         times.append(time.perf_counter() - t)
-    dt = statistics.median(times[2:])
-    peak = matmul_rate(device, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    dt, (peak, n) = statistics.median(times[2:]), matmul_rate(device, dtype)
     print(f"bench | {cfg.model}/{cfg.patch_size} {S}px | {cfg.encoder} encoder, {cfg.decoder} "
-          f"decoder {cfg.decoder_depth}x{cfg.decoder_dim}x{cfg.decoder_heads} | batch {B} | mask "
-          f"{cfg.mask} | {dt * 1e3:.0f} ms/step (median of {steps}) | {B / dt:.2f} pairs/s | "
-          f"{flops / dt / 1e9:.1f} GFLOP/s = {100 * flops / dt / peak:.0f}% of {dtype} matmul "
-          f"{peak / 1e9:.1f} GFLOP/s (median 2048^3 on {device.type}, {torch.get_num_threads()} "
-          f"threads) | {flops / 1e9:.1f} GFLOP/step")
+          f"decoder {cfg.decoder_depth}x{cfg.decoder_dim}x{cfg.decoder_heads} | mask {cfg.mask} | "
+          f"{dtype}, {'compiled' if cfg.compile else 'eager'} | batch {B} | {dt * 1e3:.1f} ms/step "
+          f"(median of {steps}) | {B / dt:.1f} pairs/s | {flop_rate(flops / dt)} = "
+          f"{100 * flops / dt / peak:.0f}% of {dtype} matmul {flop_rate(peak)} (median {n}^3 on "
+          f"{device.type}) | {flops / 1e9:.1f} GFLOP/step", flush=True)
 
 
 if __name__ == "__main__":

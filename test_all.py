@@ -1,12 +1,15 @@
 """
-The project's tests, in the README's order: toydata.py, siammae.py, propagate.py, msn.py, cmae.py, evaluate.py.
-    python -m pytest -q test_all.py          # 122 tests, 3 min 47 s on an idle 2-core CPU (2026-12-01)
+The project's tests, in the README's order: toydata.py, siammae.py, propagate.py, msn.py, cmae.py, evaluate.py,
+then README.md and the CUDA path.
+    python -m pytest -q test_all.py   # 146 tests, 4 min 49 s on an idle 2-core CPU (13 CUDA cases skip there)
+    python -m pytest -q -k cuda test_all.py   # the CUDA section, as .ci/gpu runs it on a lent GPU
 Each test is named test_<file>_<claim> and would fail if the code it covers were wrong; fixtures and helpers that
-several sections share come first. The CUDA tests run only where a GPU is visible (.ci/gpu).
+several sections share come first. The sections before the CUDA one run on the CPU, whatever the machine.
 """
 
 import argparse
 import ast
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -88,6 +91,15 @@ def toy_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("img") / "images"
     toydata.make_images(str(root), np.random.default_rng(0), n_train=8, n_val=4, size=48)
     return str(root)
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 matmuls off for one test (setup_device turns them on for training on CUDA), restored after it."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -177,7 +189,7 @@ def test_toydata_writes_the_real_formats_deterministically(tmp_path):
 
 TINY = ["--model", "vit_tiny", "--patch-size", "8", "--img-size", "32", "--decoder-depth", "1",
         "--decoder-dim", "32", "--decoder-heads", "2", "--repeat", "2", "--workers", "0", "--gap", "2", "8",
-        "--log-every", "1", "--fig-every", "1000", "--warmup-epochs", "1", "--blr", "1e-3"]
+        "--log-every", "1", "--fig-every", "1000", "--warmup-epochs", "1", "--blr", "1e-3", "--device", "cpu"]
 
 
 def tiny_cfg(**kw):
@@ -1203,17 +1215,12 @@ def test_propagate_jhmdb_and_vip_bad_inputs(toy_jhmdb_vip, tmp_path, capsys, mon
 # -----------------------------------------------------------------------------
 # A SiamMAE checkpoint end to end
 
-SIAMMAE_TINY = ["--model", "vit_tiny", "--patch-size", "8", "--img-size", "32", "--decoder-depth", "1",
-                "--decoder-dim", "32", "--decoder-heads", "2", "--repeat", "2", "--workers", "0", "--gap", "2", "8",
-                "--log-every", "1", "--fig-every", "1000", "--warmup-epochs", "1"]
-
-
 def test_propagate_a_short_siammae_run_propagates_no_worse_than_random(toy_videos, tmp_path):
     """The end-to-end claim: 60 SiamMAE steps on toy videos (ViT-T/8 at 32 px), then DAVIS propagation on the toy
     DAVIS, scored by our toolkit, beats the same architecture untrained. Evaluated at short side 64 (an 8-row grid),
     near the 4x4 grid it trained on: at 160 px the 60-step model does not yet beat random (measured 0.75 vs 0.80)."""
-    siammae.main(SIAMMAE_TINY + ["--data", toy_videos, "--batch-size", "8", "--max-steps", "60", "--ckpt-every",
-                                 "1000", "--lr", "1e-3", "--out", str(tmp_path / "train")])
+    siammae.main(TINY + ["--data", toy_videos, "--batch-size", "8", "--max-steps", "60", "--ckpt-every",
+                         "1000", "--lr", "1e-3", "--out", str(tmp_path / "train")])
     scores = {}
     for name, ckpt in (("trained", str(tmp_path / "train" / "checkpoint.pt")), ("random", "random")):
         P.main(["--ckpt", ckpt, "--model", "vit_tiny", "--patch-size", "8", "--short-side", "64",
@@ -1229,7 +1236,7 @@ def test_propagate_a_short_siammae_run_propagates_no_worse_than_random(toy_video
 
 MSN_TINY = ["--model", "vit_micro", "--patch-size", "8", "--img-size", "32", "--focal-size", "16",
             "--focal-views", "2", "--hidden-dim", "32", "--output-dim", "16", "--num-proto", "8",
-            "--workers", "0", "--log-every", "1", "--warmup-epochs", "1", "--no-eval"]
+            "--workers", "0", "--log-every", "1", "--warmup-epochs", "1", "--no-eval", "--device", "cpu"]
 
 
 def msn_tiny_cfg(**kw):
@@ -1657,7 +1664,8 @@ def test_msn_short_toy_run_improves_knn_over_the_untrained_network(toy_photos, t
 CMAE_TINY = ["--model", "vit_test", "--patch-size", "8", "--img-size", "32", "--crop-size", "40", "--shift", "7",
              "--decoder-depth", "1", "--decoder-dim", "32", "--decoder-heads", "2", "--feat-decoder-depth", "1",
              "--feat-decoder-dim", "32", "--feat-decoder-heads", "2", "--proj-hidden", "64", "--proj-dim", "32",
-             "--workers", "0", "--log-every", "1", "--fig-every", "1000", "--warmup-epochs", "1", "--blr", "1e-3"]
+             "--workers", "0", "--log-every", "1", "--fig-every", "1000", "--warmup-epochs", "1", "--blr", "1e-3",
+             "--device", "cpu"]
 
 
 def cmae_tiny_cfg(**kw):
@@ -2206,3 +2214,212 @@ def test_evaluate_bad_inputs_give_one_line_errors_and_exit_code_2(toy_images, tm
     msg = bad_exit(capsys, evaluate.main, run + ["--data", toy_images, "--subsets", str(tmp_path / "list.txt")])
     assert "names 1 images but 0" in msg
     assert "not found" in bad_exit(capsys, evaluate.main, ["--ckpt", str(tmp_path / "missing.pt")])
+
+
+# =============================================================================
+# README.md
+
+def test_readme_flag_tables_are_the_programs_help(tmp_path):
+    """README's flag tables are written by .ci/flag_tables.py from each Config's comments (the --help text):
+    the check passes on the committed README and fails once a help text changes."""
+    run = subprocess.run([sys.executable, os.path.join(HERE, ".ci", "flag_tables.py"), "--check"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    sys.path.insert(0, os.path.join(HERE, ".ci"))
+    import flag_tables
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    changed = readme.replace("| fraction of f2's patches hidden", "| share of f2's patches hidden", 1)
+    assert changed != readme and flag_tables.render(changed) != changed
+
+
+# =============================================================================
+# CUDA: the GPU path of every program. Each test takes a `device`; the "cuda" cases are skipped where no GPU is
+# visible (this CI machine) and run by .ci/gpu on a lent GPU; the "cpu" cases check the same claims here.
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible: .ci/gpu runs these on a GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+CUDA_ONLY = [pytest.param("cuda", marks=needs_cuda)]
+
+
+def tiny_trainer(name, device, seed=0):
+    """(model, batch, loss) of a 2-block ViT-T/8 at 32 px for `name`; loss(model, batch, ctx) -> scalar, as one
+    micro-step of that trainer's main() computes it under the autocast context ctx (MSN: its representations
+    only, its loss in fp32, as msn.py). The batch is drawn on the CPU, so every device sees the same one."""
+    g = torch.Generator().manual_seed(seed)
+    B, S = 4, 32
+    img = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    if name == "siammae":
+        cfg = tiny_cfg(decoder_dim=64, decoder_heads=4)
+        batch = (img(B, 2, 3, S, S), torch.rand(B, 16, generator=g))
+        def loss(m, b, ctx):
+            with ctx:
+                return siammae.reconstruction_loss(b[0], *m(*b), cfg.patch_size)
+        module = siammae.SiamMAE
+    elif name == "msn":
+        cfg = msn.Config(model="vit_tiny", patch_size=8, img_size=S, focal_size=16, focal_views=2,
+                         hidden_dim=64, output_dim=32, num_proto=16, patch_drop=0.15)
+        batch = (img(B, 3, S, S), img(B, 3, S, S), img(B, 2, 3, 16, 16), torch.rand(B, 16, generator=g))
+        loss = lambda m, b, ctx: msn.forward_loss(m, m.prototypes, b, cfg, ctx)[0]  # noqa: E731
+        module = msn.MSN
+    else:
+        cfg = cmae.Config(model="vit_tiny", patch_size=8, img_size=S, crop_size=40, shift=7, decoder_depth=1,
+                          decoder_dim=64, decoder_heads=4, feat_decoder_depth=1, feat_decoder_dim=64,
+                          feat_decoder_heads=4, proj_hidden=64, proj_dim=32)
+        batch = (img(B, 3, S, S), img(B, 3, S, S), torch.rand(B, 4, generator=g))
+        def loss(m, b, ctx):
+            with ctx:
+                return cmae.cmae_losses(b[0], *m(*b), cfg)[0]
+        module = cmae.CMAE
+    torch.manual_seed(seed)
+    model = module(cfg).to(device).train()
+    return model, tuple(t.to(device) for t in batch), loss
+
+
+def autocast(device, dtype):
+    return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def trained_once(name, device, dtype):
+    """One AdamW step of `name` under `dtype` autocast -> (loss, largest parameter change, all finite)."""
+    model, batch, loss_fn = tiny_trainer(name, device)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = loss_fn(model, batch, autocast(device, dtype))
+    loss.backward()
+    opt.step()
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    moved = max((a.float() - b.float()).abs().max().item() for a, b in zip(after, before))
+    return loss.item(), moved, all(bool(a.isfinite().all()) for a in after)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["siammae", "msn", "cmae"])
+def test_trainers_cuda_bf16_step_equals_the_fp32_step_within_bf16_tolerance(name, device):
+    """Under bf16 autocast one training step gives the fp32 step's loss within 2 % (bf16 keeps 8 bits of mantissa:
+    ~0.4 % per rounding; measured on CPU: at most 0.6 %), and moves the parameters, all finite."""
+    ref, _, _ = trained_once(name, device, torch.float32)
+    loss, moved, finite = trained_once(name, device, torch.bfloat16)
+    assert abs(loss - ref) <= 0.02 * abs(ref), (loss, ref)
+    assert moved > 1e-5 and finite
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["siammae", "msn", "cmae"])
+def test_trainers_cuda_fp16_grad_scaler_skips_an_overflowing_step(name, device):
+    """fp16 autocast + GradScaler as main() runs them: at a loss scale of 2^40 the fp16 gradients overflow, so the
+    scaler skips the step (parameters untouched, none non-finite) and halves the scale; from 2^10 the next steps
+    train (the scaler halves the scale again on any further overflow), and everything stays finite."""
+    model, batch, loss_fn = tiny_trainer(name, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 40)
+    ctx = autocast(device, torch.float16)
+
+    def step(new_scale=None):
+        scaler.scale(loss_fn(model, batch, ctx)).backward()
+        scaler.step(opt)
+        scaler.update(new_scale)
+        opt.zero_grad(set_to_none=True)
+    step(new_scale=2.0 ** 10)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "the overflowing step was applied"
+    for _ in range(4):
+        step()
+    assert scaler.get_scale() >= 2.0 ** 6  # at most 4 more overflows, each one halving it
+    assert any(not torch.equal(p, b) for p, b in zip(params, before)), "no step was applied"
+    assert all(bool(p.isfinite().all()) for p in params)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("name", ["siammae", "msn", "cmae"])
+def test_trainers_cuda_compile_gives_the_eager_loss(name, device, no_tf32):
+    """torch.compile (inductor) computes the eager loss on the same batch within 1e-4 relative, in fp32 (fused
+    kernels reorder the sums; fp32 rounding is ~1e-7 per op, TF32 is off here)."""
+    model, batch, loss_fn = tiny_trainer(name, device)
+    with torch.no_grad():
+        eager = loss_fn(model, batch, contextlib.nullcontext()).item()
+        compiled = loss_fn(torch.compile(model), batch, contextlib.nullcontext()).item()
+    assert abs(compiled - eager) <= 1e-4 * abs(eager), (compiled, eager)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_siammae_cuda_pinned_non_blocking_batch_equals_the_cpu_batch(toy_videos, tmp_path, device):
+    """The loader with pin_memory (as make_loader sets it on CUDA) and to_model_input's non_blocking copy deliver
+    the CPU's batch: the same uint8 frames, the same normalized floats."""
+    cfg = tiny_cfg(data=toy_videos, out=str(tmp_path), batch_size=4, workers=0, gap=(2, 8))
+    loader, sampler = siammae.make_loader(cfg, 0, 1, torch.device(device), print)
+    assert loader.pin_memory
+    clips, noise = next(iter(loader))
+    assert clips.is_pinned()
+    x_gpu, n_gpu = siammae.to_model_input(clips, noise, torch.device(device))
+    x_cpu, n_cpu = siammae.to_model_input(clips.clone(), noise.clone(), torch.device("cpu"))
+    torch.cuda.synchronize()
+    assert torch.allclose(x_gpu.cpu(), x_cpu, atol=1e-6) and torch.equal(n_gpu.cpu(), n_cpu)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_propagate_cuda_writes_the_cpu_masks(tmp_path, device, no_tf32):
+    """propagate.py on the GPU (fp32, TF32 off as in DINO's script) writes the CPU's masks on the toy DAVIS: at
+    least 99.9 % of the pixels equal (a near-tied top-k can flip with the GPU's summation order) and J&F within
+    1e-3."""
+    scores, masks = {}, {}
+    for dev in ("cpu", device):
+        out = tmp_path / dev
+        P.main(["--ckpt", "random", "--model", "vit_tiny", "--device", dev, "--precision", "fp32",
+                "--out", str(out)])
+        with open(out / "global_results-val.csv") as f:
+            scores[dev] = float(next(csv.DictReader(f))["J&F-Mean"])
+        masks[dev] = {str(p.relative_to(out)): np.array(Image.open(p)) for p in sorted(out.glob("*/*.png"))}
+    assert masks["cpu"].keys() == masks[device].keys() and len(masks["cpu"]) > 0
+    same = sum(int((masks["cpu"][k] == masks[device][k]).sum()) for k in masks["cpu"])
+    total = sum(m.size for m in masks["cpu"].values())
+    assert same >= 0.999 * total, f"{total - same} of {total} pixels differ"
+    assert abs(scores["cpu"] - scores[device]) <= 1e-3, scores
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_siammae_cuda_checkpoint_resumes_on_the_other_device(toy_videos, tmp_path, device):
+    """A checkpoint written on CUDA resumes on the CPU and one written on the CPU resumes on CUDA: the resumed
+    run loads every tensor (model, AdamW state, scaler, RNG) and trains on to its last step, finite."""
+    run = TINY + ["--data", toy_videos, "--batch-size", "4", "--ckpt-every", "2"]
+    for first, second in ((device, "cpu"), ("cpu", device)):
+        out = str(tmp_path / f"{first}_then_{second}")
+        siammae.main(run + ["--out", out, "--device", first, "--max-steps", "2"])
+        siammae.main(run + ["--out", out, "--device", second, "--max-steps", "4", "--resume"])
+        state = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+        assert state["step"] == 4 and all(bool(t.isfinite().all()) for t in state["model"].values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_siammae_cuda_one_process_ddp_equals_the_plain_run(toy_videos, tmp_path, device):
+    """torchrun with 1 process wraps the model in DistributedDataParallel (NCCL on CUDA, gloo on CPU); its all-reduce
+    over one rank changes nothing, so 3 steps give the plain run's parameters: bit for bit on the CPU (measured;
+    both runs with one thread, as a thread count changes the order of float sums), within 1e-6 on CUDA."""
+    run = TINY + ["--data", toy_videos, "--batch-size", "4", "--max-steps", "3", "--device", device]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launch in (("plain", []), ("ddp", ["-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node=1"])):
+        done = subprocess.run([sys.executable, *launch, os.path.join(HERE, "siammae.py"), *run,
+                               "--out", str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "DDP: 1 process(es)" in done.stdout
+    a, b = params_of(tmp_path / "plain" / "checkpoint.pt"), params_of(tmp_path / "ddp" / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    same = torch.equal if device == "cpu" else (lambda x, y: torch.allclose(x, y, atol=1e-6))
+    assert all(same(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("module", [siammae, msn, cmae])
+def test_trainers_cuda_bench_peak_is_a_matmul_in_the_steps_precision(module, monkeypatch):
+    """--bench compares a bf16 (fp16) step with a bf16 (fp16) matmul, an fp32 step with an fp32 one, at 8192³ on a
+    GPU (2048³ would not fill it) and 2048³ on a CPU."""
+    drawn = []
+    real = torch.randn
+    monkeypatch.setattr(module.torch, "randn", lambda *a, **k: drawn.append((a, k["dtype"])) or real(4, 4))
+    for dtype, want in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        drawn.clear()
+        rate, n = module.matmul_rate(torch.device("cpu"), dtype, reps=1)
+        assert n == 2048 and rate > 0 and drawn == [((2048, 2048), want)] * 2
+    monkeypatch.setattr(module, "sync", lambda device: None)
+    assert module.matmul_rate(torch.device("cuda"), "bf16", reps=1)[1] == 8192  # randn is mocked: no GPU used

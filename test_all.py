@@ -184,6 +184,50 @@ def test_toydata_writes_the_real_formats_deterministically(tmp_path):
     assert cap.get(cv2.CAP_PROP_FPS) == 25 and cap.get(cv2.CAP_PROP_FRAME_COUNT) == 28 and cap.read()[0]
 
 
+def cheap_toy_writers(monkeypatch, log=None):
+    """toydata's five writers replaced by ones that make an empty folder (appending a line to `log` first)."""
+    def write(root, rng, **kw):
+        if log:
+            with open(log, "a") as f:
+                f.write("generated\n")
+        os.makedirs(root)
+    for name in ("make_ucf101", "make_images", "make_davis", "make_jhmdb", "make_vip"):
+        monkeypatch.setattr(toydata, name, write)
+
+
+def test_toydata_make_all_swaps_in_one_rename_and_keeps_the_old_folder_when_it_fails(tmp_path, monkeypatch):
+    out = tmp_path / "toy_data"
+    (out / "DAVIS").mkdir(parents=True)
+    (out / "VERSION").write_text("old\n")
+    cheap_toy_writers(monkeypatch)
+    monkeypatch.setattr(toydata, "make_davis", lambda root, rng: 1 / 0)  # a writer that dies part-way
+    with pytest.raises(ZeroDivisionError):
+        toydata.make_all(str(out))
+    assert os.listdir(tmp_path) == ["toy_data"] and (out / "VERSION").read_text() == "old\n"  # intact, no temp
+    cheap_toy_writers(monkeypatch)
+    toydata.make_all(str(out))
+    assert os.listdir(tmp_path) == ["toy_data"] and toydata.is_current(str(out))
+    assert sorted(os.listdir(out)) == sorted(["ucf101", "images", "DAVIS", "VIP", "VERSION"]
+                                             + (["JHMDB"] if toydata.has_scipy() else []))
+
+
+def test_toydata_two_first_runs_at_once_generate_once(tmp_path):
+    """siammae.py and msn.py started together on a fresh checkout: the second waits on the lock and finds the data
+    the first made (the writers are slowed to 1 s so that the two really overlap)."""
+    code = ("import os, sys, time, toydata\n"
+            "def write(root, rng, **kw):\n"
+            "    open(sys.argv[2], 'a').write('generated\\n'); time.sleep(1); os.makedirs(root)\n"
+            "for n in ('make_ucf101', 'make_images', 'make_davis', 'make_jhmdb', 'make_vip'):\n"
+            "    setattr(toydata, n, write)\n"
+            "out = toydata.ensure_toy_data(sys.argv[1])\n"
+            "assert toydata.is_current(out) and os.path.isdir(os.path.join(out, 'DAVIS'))\n")
+    out, log = tmp_path / "toy_data", tmp_path / "log.txt"
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(log)], cwd=HERE) for _ in range(2)]
+    assert [r.wait(timeout=120) for r in runs] == [0, 0]
+    assert log.read_text().count("generated") == 4 + toydata.has_scipy()  # one generation: five writers, once
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "toy_data", "toy_data.lock"]
+
+
 # =============================================================================
 # siammae.py
 

@@ -30,10 +30,16 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 
 import cv2
 import numpy as np
 from PIL import Image
+
+try:
+    import fcntl  # POSIX file locks; on Windows two first runs at once are not guarded
+except ImportError:
+    fcntl = None
 
 VERSION = "4"  # bump when the generated content changes, so cached ./toy_data folders are remade
 UCF_CLASSES = ["BlobDrift", "CrossingShapes", "FastPan", "Occluders"]  # toy stand-ins for UCF101's 101 classes
@@ -368,21 +374,31 @@ def has_scipy():
 # -----------------------------------------------------------------------------
 
 def make_all(out, seed=0):
-    """Writes all toy datasets under `out` atomically (temp dir, then rename); returns `out`."""
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_ucf101(os.path.join(tmp, "ucf101"), np.random.default_rng([seed, 0]))
-    make_images(os.path.join(tmp, "images"), np.random.default_rng([seed, 1]))
-    make_davis(os.path.join(tmp, "DAVIS"), np.random.default_rng([seed, 2]))
-    if has_scipy():
-        make_jhmdb(os.path.join(tmp, "JHMDB"), np.random.default_rng([seed, 3]))
-    else:
-        print("toy JHMDB skipped: writing its joint_positions.mat needs scipy (pip install scipy)")
-    make_vip(os.path.join(tmp, "VIP"), np.random.default_rng([seed, 4]))
-    with open(os.path.join(tmp, "VERSION"), "w") as f:
-        f.write(version_stamp() + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    """Writes all toy datasets under `out` atomically: into a private temp folder beside it, then one rename, so a
+    reader never sees half a dataset; returns `out`."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".toy_data.", dir=parent)  # unique: two writers never share one
+    try:
+        make_ucf101(os.path.join(tmp, "ucf101"), np.random.default_rng([seed, 0]))
+        make_images(os.path.join(tmp, "images"), np.random.default_rng([seed, 1]))
+        make_davis(os.path.join(tmp, "DAVIS"), np.random.default_rng([seed, 2]))
+        if has_scipy():
+            make_jhmdb(os.path.join(tmp, "JHMDB"), np.random.default_rng([seed, 3]))
+        else:
+            print("toy JHMDB skipped: writing its joint_positions.mat needs scipy (pip install scipy)")
+        make_vip(os.path.join(tmp, "VIP"), np.random.default_rng([seed, 4]))
+        with open(os.path.join(tmp, "VERSION"), "w") as f:
+            f.write(version_stamp() + "\n")
+        if os.path.isdir(out):  # an older version: moved aside in one rename, deleted after the swap
+            old = tempfile.mkdtemp(prefix=".toy_data.old.", dir=parent)
+            os.replace(out, os.path.join(old, "data"))
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left when something failed part-way
     return out
 
 
@@ -392,13 +408,24 @@ def version_stamp():
 
 
 def ensure_toy_data(out=None):
-    """The trainers' default data: generated once into ./toy_data (or $TOYDATA) and reused afterwards."""
+    """The trainers' default data: generated once into ./toy_data (or $TOYDATA) and reused afterwards. Two programs
+    started together on a fresh checkout take turns on a lock file: the second waits, then finds the data made."""
     out = out or os.environ.get("TOYDATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data"))
-    stamp = os.path.join(out, "VERSION")
-    if not os.path.exists(stamp) or open(stamp).read().strip() != version_stamp():  # missing, or made by an older one
-        print(f"generating toy data in {out} (once) ...", flush=True)
-        make_all(out)
+    if is_current(out):
+        return out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(os.path.abspath(out).rstrip("/") + ".lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not is_current(out):  # missing, or made by an older toydata.py
+            print(f"generating toy data in {out} (once) ...", flush=True)
+            make_all(out)
     return out
+
+
+def is_current(out):
+    stamp = os.path.join(out, "VERSION")
+    return os.path.exists(stamp) and open(stamp).read().strip() == version_stamp()
 
 
 if __name__ == "__main__":

@@ -2128,7 +2128,8 @@ def dino_knn_loop(train_x, train_y, val_x, num_classes, k, temp):
 
 def test_evaluate_knn_equals_dino_loop_and_weights_votes_by_similarity():
     g = torch.Generator().manual_seed(0)
-    tx, ty, vx = torch.randn(40, 8, generator=g), torch.randint(0, 4, (40,), generator=g), torch.randn(25, 8, generator=g)
+    tx, ty = torch.randn(40, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
+    vx = torch.randn(25, 8, generator=g)
     for k in (1, 5, 20):
         ref = dino_knn_loop(tx, ty, vx, 4, k, 0.07)
         assert evaluate.knn_top1(tx, ty, vx, ref, 4, k=k) == 100.0

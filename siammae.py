@@ -46,6 +46,12 @@ import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 cv2.setNumThreads(1)  # video is decoded in DataLoader workers: OpenCV's own threads would oversubscribe
+# FFmpeg's and OpenCV's own messages off: seeking in H.264 prints "mmco: unref short failure" and
+# the like at almost every seek; the loader counts real failures and reports them itself. Read at
+# the first VideoCapture, inherited by the DataLoader workers. OPENCV_FFMPEG_LOGLEVEL=24 (FFmpeg's
+# AV_LOG_WARNING) shows them again, on stdout.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 # -----------------------------------------------------------------------------
@@ -53,8 +59,9 @@ cv2.setNumThreads(1)  # video is decoded in DataLoader workers: OpenCV's own thr
 
 @dataclasses.dataclass
 class Config:
-    data: str = ""               # folder of videos, searched recursively (UCF101, Kinetics-400);
-                                 # empty: the toy videos, with --preset toy
+    data: str = ""               # folder of videos, searched recursively (UCF101, Kinetics-400),
+                                 # or of frame folders <video>/<frame>.jpg|png (DAVIS JPEGImages,
+                                 # frames extracted by ffmpeg); empty: the toy videos (--preset toy)
     out: str = "out/siammae"     # checkpoint.pt, log.jsonl, video_index.json and figures go here
     preset: str = ""             # toy: small settings for a CPU demo; the flags given override it
     # model (the paper's ViT-S/16; Table 4a: 224 px)
@@ -72,7 +79,12 @@ class Config:
     # masking and sampling (§3, Masking; Table 4a)
     mask: float = 0.95           # fraction of f2's patches hidden (§3, Masking: 0.95); f1 is never
                                  # masked. Lower makes the task easier
-    gap: tuple = (4, 48)         # frames from f1 to f2, drawn uniformly in [MIN, MAX] (Table 4a)
+    gap: tuple = (4, 48)         # frames from f1 to f2 in --gap-unit, drawn uniformly in [MIN, MAX]
+                                 # (Table 4a)
+    gap_unit: str = "frames"     # 30fps: frames at 30 fps (Kinetics', where Table 4a's 4-48 holds),
+                                 # scaled by each file's fps (10 fps: 1-16) | frames: the file's own
+    frames_fps: float = 30.0     # the frame rate of frame folders (they store none) and of videos
+                                 # whose header gives none, for --gap-unit
     crop_scale: tuple = (0.5, 1.0)  # RandomResizedCrop area range, the SAME crop and flip on
                                     # both frames (Table 4a)
     repeat: int = 2              # repeated sampling: pairs per decoded video (Table 4a)
@@ -94,6 +106,8 @@ class Config:
     seed: int = 0                # seeds the init and every sample (frames, crop, flip, f2's mask)
     resume: bool = False         # continue from <out>/checkpoint.pt, with the same architecture
     bench: bool = False          # time a few training steps on synthetic input, print a line, exit
+    bench_data: int = 0          # if > 0: decode pairs from --data with --workers for this many
+                                 # seconds; prints pairs/s beside the step's and the workers needed
     # logging
     log_every: int = 20          # steps between log lines and log.jsonl records (and NaN checks)
     fig_every: int = 1000        # steps between reconstruction figures (and one at the end)
@@ -367,50 +381,90 @@ def reconstruction_loss(frames, pred, mask, p):
 # epoch, video index): the data does not depend on the number of workers or ranks, or on resuming.
 
 VIDEO_EXTS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+FRAME_EXTS = (".jpg", ".jpeg", ".png")  # a frame folder: <video>/<frame>.jpg|png, in name order
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet (MAE)
 SEEK_AHEAD = 64  # frames: seek instead of decoding forward when the next wanted one is this far
 
 
+def frame_files(folder):
+    """The images of a frame folder in natural order (frame_2.jpg before frame_10.jpg)."""
+    names = [f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTS)]
+    return sorted(names, key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f)])
+
+
+def find_clips(root):
+    """The videos under root, or its frame folders (folders holding .jpg/.png files), never both."""
+    if not os.path.isdir(root):
+        fail(f"--data {root} does not exist; pass the folder of the videos (e.g. ucf101/)")
+    videos, folders = [], []
+    for d, _, files in os.walk(root, followlinks=True):
+        videos += [os.path.join(d, f) for f in files if f.lower().endswith(VIDEO_EXTS)]
+        folders += [d] if any(f.lower().endswith(FRAME_EXTS) for f in files) else []
+    if videos and folders:
+        fail(f"--data {root} mixes {len(videos)} videos and {len(folders)} frame folders (e.g. "
+             f"{folders[0]}); pass a folder of one kind")
+    if not videos and not folders:
+        fail(f"--data {root} holds no video files ({' '.join(VIDEO_EXTS)}) and no folders of "
+             f"{'|'.join(FRAME_EXTS)} frames")
+    return sorted(videos or folders)
+
+
 def probe_video(path):
-    """Number of frames, 0 when the file cannot be opened or its first frame not decoded."""
+    """{"frames": n, "fps": f} as the header says: frames 0 when the file cannot be opened or its
+    first frame not decoded, fps 0 when unknown; a frame folder has n images and fps 0. A header
+    can claim more frames than decode: VideoPairs learns the true length when decoding stops."""
+    if os.path.isdir(path):
+        return dict(frames=len(frame_files(path)), fps=0.0)
     cap = cv2.VideoCapture(path)
     try:
-        return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() and cap.read()[0] else 0
+        ok = cap.isOpened() and cap.read()[0]
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
+        return dict(frames=n, fps=cap.get(cv2.CAP_PROP_FPS))
     finally:
         cap.release()
 
 
+def save_json(obj, path):
+    with open(path + ".tmp", "w") as f:  # temp file + rename: never half a file
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
 def index_videos(root, cache_path, min_frames, threads=8):
-    """[(path, n_frames)] of the usable videos under root; the probes are cached in cache_path."""
-    if not os.path.isdir(root):
-        fail(f"--data {root} does not exist; pass the folder of the videos (e.g. ucf101/)")
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True)
-                   for f in files if f.lower().endswith(VIDEO_EXTS))
-    if not paths:
-        fail(f"--data {root} holds no video files ({' '.join(VIDEO_EXTS)})")
+    """[(path, n_frames)] of the usable videos (or frame folders) under root, with at least
+    min_frames (an int, or a function of the file's fps); the probes are cached in cache_path,
+    {path: {"frames", "fps"}}."""
+    paths = find_clips(root)
     cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
-    todo = [p for p in paths if p not in cache]
+    todo = [p for p in paths if not isinstance(cache.get(p), dict)]  # new, or an older cache's int
     if todo:
         print(f"probing {len(todo)} videos ({len(paths) - len(todo)} cached) ...", flush=True)
         with ThreadPoolExecutor(threads) as ex:
             cache.update(zip(todo, ex.map(probe_video, todo)))
-        with open(cache_path + ".tmp", "w") as f:  # temp file + rename: never half a cache
-            json.dump(cache, f)
-        os.replace(cache_path + ".tmp", cache_path)
-    videos = [(p, cache[p]) for p in paths if cache[p] >= min_frames]
-    bad = sum(cache[p] == 0 for p in paths)
+        save_json(cache, cache_path)
+    need = min_frames if callable(min_frames) else lambda fps: min_frames
+    videos = [(p, cache[p]["frames"]) for p in paths if cache[p]["frames"] >= need(cache[p]["fps"])]
+    bad = sum(cache[p]["frames"] == 0 for p in paths)
     if len(videos) < len(paths):
         print(f"warning: skipped {bad} unreadable and {len(paths) - len(videos) - bad} too short "
-              f"(< {min_frames} frames) of {len(paths)} videos", flush=True)
+              f"(fewer frames than --gap's MIN + 1) of {len(paths)} videos", flush=True)
     if not videos:
-        fail(f"none of the {len(paths)} videos in {root} is readable with at least {min_frames} "
-             f"frames; check the files (ffprobe) or lower --gap")
+        fail(f"none of the {len(paths)} videos in {root} is readable with more frames than --gap's "
+             f"MIN; check the files (ffprobe) or lower --gap")
     return videos
 
 
 def read_frames(path, wanted):
     """Decodes the wanted frame indices only (seeking when far ahead): {index: RGB uint8 (H, W, 3)},
-    or None when the file ends early or is corrupt."""
+    or None when the file ends early or is corrupt. A frame folder: one image read per frame."""
+    if os.path.isdir(path):
+        names, out = frame_files(path), {}
+        for idx in set(wanted):
+            img = cv2.imread(os.path.join(path, names[idx])) if idx < len(names) else None
+            if img is None:
+                return None
+            out[idx] = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return out
     cap, pos, out = cv2.VideoCapture(path), 0, {}
     try:
         for idx in sorted(set(wanted)):
@@ -431,6 +485,28 @@ def read_frames(path, wanted):
         cap.release()
 
 
+def count_frames(path):
+    """How many frames really decode, decoding them all: once per file whose header lies."""
+    if os.path.isdir(path):  # the images before the first unreadable one
+        names = frame_files(path)
+        unreadable = (k for k, f in enumerate(names) if cv2.imread(os.path.join(path, f)) is None)
+        return next(unreadable, len(names))
+    cap, n = cv2.VideoCapture(path), 0
+    while cap.grab():
+        n += 1
+    cap.release()
+    return n
+
+
+def gap_in_frames(gap, fps, unit):
+    """--gap (MIN, MAX) in a file's own frames: at --gap-unit 30fps scaled by fps / 30 (4-48 at 10
+    fps: 1-16, at 25 fps: 3-40); at --gap-unit frames as given."""
+    if unit == "frames":
+        return gap
+    scale = fps / float(unit.removesuffix("fps"))
+    return max(1, round(gap[0] * scale)), max(1, round(gap[1] * scale))
+
+
 def sample_gap_and_start(n_frames, gap):
     """Gap ~ U{gmin .. min(gmax, n−1)}, f1 ~ U{0 .. n−1−gap}, f2 = f1 + gap (Table 4a)."""
     g = int(torch.randint(gap[0], min(gap[1], n_frames - 1) + 1, ()))
@@ -439,26 +515,74 @@ def sample_gap_and_start(n_frames, gap):
 
 
 class VideoPairs(torch.utils.data.Dataset):
-    """(video index, epoch) -> frames (R, 2, 3, S, S) uint8, f2's mask noise (R, N); R = --repeat."""
+    """(video index, epoch) -> frames (R, 2, 3, S, S) uint8, f2's mask noise (R, N); R = --repeat.
+    fps: each video's rate, for --gap-unit (None: all at the reference rate, the gap in frames);
+    cache_path: the probe cache that report_learned updates.
 
-    def __init__(self, videos, cfg):
-        self.videos, self.cfg = videos, cfg
+    A video whose decoding stops early is decoded through once to learn its true length, which all
+    workers then sample within (the lengths are in shared memory); the main process warns and caches
+    it (report_learned). Its later draws depend on when that happened; the next run reads the
+    cache."""
+
+    def __init__(self, videos, cfg, fps=None, cache_path=None):
+        self.paths, self.cfg, self.cache_path = [p for p, _ in videos], cfg, cache_path
+        self.frames = torch.tensor([n for _, n in videos]).share_memory_()  # decodable lengths
+        self.checked = torch.zeros(len(videos), dtype=torch.bool).share_memory_()  # length counted
+        self.failed = torch.zeros(len(videos), dtype=torch.long).share_memory_()  # failed reads
+        self.reported = (self.frames.clone(), 0)  # in the main process: what report_learned said
+        self.gaps = ([gap_in_frames(cfg.gap, f or cfg.frames_fps, cfg.gap_unit) for f in fps] if fps
+                     else [cfg.gap] * len(videos))  # (MIN, MAX) per video, in its own frames
+
+    def __len__(self):
+        return len(self.paths)
 
     def __getitem__(self, key):
         (idx, epoch), cfg = key, self.cfg
-        for attempt in range(len(self.videos)):  # an unreadable video: the next one, with a warning
-            path, n = self.videos[(idx + attempt) % len(self.videos)]
+        for attempt in range(len(self.paths)):  # an unreadable video: the next one
+            i = (idx + attempt) % len(self.paths)
+            n, gap = int(self.frames[i]), self.gaps[i]
+            if n <= gap[0]:  # learned to be too short (0: nothing decodes)
+                continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash((cfg.seed, epoch, idx, attempt)) & 0xFFFF_FFFF)
-                pairs = [sample_gap_and_start(n, cfg.gap) for _ in range(cfg.repeat)]
-                frames = read_frames(path, [i for pair in pairs for i in pair])
+                pairs = [sample_gap_and_start(n, gap) for _ in range(cfg.repeat)]
+                frames = read_frames(self.paths[i], [f for pair in pairs for f in pair])
                 if frames is None:
-                    print(f"warning: cannot decode frames {pairs} of {path}; using another video")
+                    self.learn_length(i)
                     continue
                 clips = torch.stack([self.crop_pair(frames[a], frames[b]) for a, b in pairs])
                 noise = torch.rand(cfg.repeat, (cfg.img_size // cfg.patch_size) ** 2)  # (R, N)
                 return clips, noise  # (R, 2, 3, S, S), (R, N)
         raise RuntimeError("no video could be decoded")
+
+    def learn_length(self, i):
+        """Decoding stopped early: count what decodes, once per video (or once per worker that
+        failed on it before the first count ended)."""
+        self.failed[i] += 1
+        if not self.checked[i]:
+            self.checked[i] = True
+            self.frames[i] = min(int(self.frames[i]), count_frames(self.paths[i]))
+
+    def report_learned(self, print0):
+        """In the main process: one warning per video whose length was learned since the last call,
+        the lengths saved in the probe cache (the next run samples within them from its start), and
+        a count of the failed reads."""
+        old, failed_before = self.reported
+        changed = np.flatnonzero(self.frames.numpy() != old.numpy()).tolist()  # no device read
+        for i in changed:
+            n, was = int(self.frames[i]), int(old[i])
+            print0(f"warning: {self.paths[i]} " + ("decodes no frame; dropped" if n == 0 else
+                   f"decodes {n} frames, its header says {was}; sampling within {n} from now on"))
+        if changed and self.cache_path:
+            cache = json.load(open(self.cache_path))
+            for i in changed:
+                cache[self.paths[i]]["frames"] = int(self.frames[i])
+            save_json(cache, self.cache_path)
+        failed = int(self.failed.sum())
+        if failed > failed_before:
+            print0(f"warning: {failed - failed_before} reads failed since the last report "
+                   f"({failed} in all); each was replaced by the next video", flush=True)
+        self.reported = (self.frames.clone(), failed)
 
     def crop_pair(self, a, b):
         """The SAME RandomResizedCrop (bicubic) and horizontal flip on both frames (Table 4a)."""
@@ -494,19 +618,25 @@ def make_loader(cfg, rank, world, device, print0):
     if not data:
         import toydata
         data = os.path.join(toydata.ensure_toy_data(), "ucf101")
-    cache, min_frames = os.path.join(cfg.out, "video_index.json"), cfg.gap[0] + 1
+    def min_frames(fps):  # a pair needs more frames than --gap's MIN, at the file's rate
+        return gap_in_frames(cfg.gap, fps or cfg.frames_fps, cfg.gap_unit)[0] + 1
+
+    cache = os.path.join(cfg.out, "video_index.json")
     if rank == 0:
         videos = index_videos(data, cache, min_frames, threads=max(cfg.workers, 4))
     if world > 1:
         dist.barrier()  # rank 0 probed the videos and wrote the cache
         if rank != 0:
             videos = index_videos(data, cache, min_frames)
+    probes = json.load(open(cache))
+    fps = [probes[p]["fps"] for p, _ in videos]
     vpb = cfg.batch_size // cfg.repeat
     sampler = EpochSampler(len(videos), vpb, cfg.seed, rank, world)
     if sampler.batches == 0:
         fail(f"{len(videos)} videos are fewer than one step needs ({world} x {vpb}); lower --batch-size")
+    dataset = VideoPairs(videos, cfg, fps, cache if rank == 0 else None)
     loader = torch.utils.data.DataLoader(
-        VideoPairs(videos, cfg), batch_size=vpb, sampler=sampler, num_workers=cfg.workers,
+        dataset, batch_size=vpb, sampler=sampler, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
         persistent_workers=cfg.workers > 0)
     print0(f"data {data}: {len(videos)} videos, {sampler.batches} steps per epoch of {world} x "
@@ -598,6 +728,8 @@ def main(argv=None):
     if cfg.bench:
         return bench(cfg, model, device, ctx, dtype)
     os.makedirs(cfg.out, exist_ok=True)
+    if cfg.bench_data:
+        return bench_data(cfg, model, device, ctx, dtype)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not cfg.resume:
         fail(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
@@ -634,6 +766,7 @@ def main(argv=None):
     n_steps, t_data, t_last, last_ckpt = 0, 0.0, time.perf_counter(), "none yet"
     model.train()
     while step < total:
+        loader.dataset.report_learned(print0)  # lengths learned last epoch: warned once, cached
         sampler.epoch, first = divmod(step, steps_per_epoch)  # mid-epoch: same order and samples
         sampler.start_batch = first * cfg.accum
         batches = iter(loader)
@@ -697,6 +830,7 @@ def main(argv=None):
             if stopping:
                 print0(f"interrupted: checkpoint saved at step {step}; continue with --resume")
                 raise SystemExit(130)
+    loader.dataset.report_learned(print0)
     print0(f"done: {step} steps; checkpoint {ckpt_path}")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -767,6 +901,8 @@ def check_config(cfg):
             (enc not in ("siamese", "joint") or dec not in ("cross-self", "cross", "joint"),
              "--encoder takes siamese|joint and --decoder cross-self|cross|joint"),
             (not 1 <= cfg.gap[0] <= cfg.gap[1], f"--gap {cfg.gap[0]} {cfg.gap[1]}: need 1 <= MIN <= MAX"),
+            (not re.fullmatch(r"frames|[1-9]\d*(\.\d+)?fps", cfg.gap_unit),
+             f"--gap-unit {cfg.gap_unit}: use frames, or a rate such as 30fps"),
             (cfg.batch_size % cfg.repeat,
              f"--batch-size {cfg.batch_size} must be a multiple of --repeat {cfg.repeat}"),
             (cfg.decoder_dim % cfg.decoder_heads,
@@ -913,6 +1049,33 @@ def bench(cfg, model, device, ctx, dtype, steps=5):
           f"(median of {steps}) | {B / dt:.1f} pairs/s | {flop_rate(flops / dt)} = "
           f"{100 * flops / dt / peak:.0f}% of {dtype} matmul {flop_rate(peak)} (median {n}^3 on "
           f"{device.type}) | {flops / 1e9:.1f} GFLOP/step", flush=True)
+    return B / dt
+
+
+def bench_data(cfg, model, device, ctx, dtype):
+    """Pairs/s of the loader (--workers processes decoding --data) over --bench-data seconds,
+    beside the training step's pairs/s on this device (bench): how many workers keep it fed."""
+    loader, sampler = make_loader(cfg, 0, 1, device, print)
+    batches, pairs = iter(loader), 0
+    next(batches)  # the workers are up
+    t = time.perf_counter()
+    while time.perf_counter() - t < cfg.bench_data:
+        batch = next(batches, None)
+        if batch is None:  # the epoch ended: the next one
+            sampler.epoch += 1
+            batches = iter(loader)
+            continue
+        pairs += batch[0].shape[0] * batch[0].shape[1]  # videos x --repeat
+    rate = pairs / (time.perf_counter() - t)
+    per_worker = rate / max(1, cfg.workers)
+    print(f"bench-data | {cfg.data or 'toy videos'} | {cfg.workers} workers: {rate:.1f} pairs/s, "
+          f"{per_worker:.1f} per worker | {cfg.img_size}px crops, --repeat {cfg.repeat}", flush=True)
+    del batches, loader  # the workers stop before the step is timed
+    step_rate = bench(cfg, model, device, ctx, dtype)
+    idle = max(0.0, 1 - rate / step_rate)  # the share of time the step would wait for data
+    print(f"bench-data | the step eats {step_rate:.1f} pairs/s on {device}: it needs "
+          f"{math.ceil(step_rate / per_worker)} workers at {per_worker:.1f} pairs/s each; with "
+          f"{cfg.workers} it would wait for data {100 * idle:.0f}% of the time", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class Config:
                                  # masked. Lower makes the task easier
     gap: tuple = (4, 48)         # frames from f1 to f2 in --gap-unit, drawn uniformly in [MIN, MAX]
                                  # (Table 4a)
-    gap_unit: str = "frames"     # 30fps: frames at 30 fps (Kinetics', where Table 4a's 4-48 holds),
+    gap_unit: str = "30fps"      # 30fps: frames at 30 fps (Kinetics', where Table 4a's 4-48 holds),
                                  # scaled by each file's fps (10 fps: 1-16) | frames: the file's own
     frames_fps: float = 30.0     # the frame rate of frame folders (they store none) and of videos
                                  # whose header gives none, for --gap-unit

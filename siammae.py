@@ -42,7 +42,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 cv2.setNumThreads(1)  # video is decoded in DataLoader workers: OpenCV's own threads would oversubscribe
@@ -585,12 +584,17 @@ class VideoPairs(torch.utils.data.Dataset):
         self.reported = (self.frames.clone(), failed)
 
     def crop_pair(self, a, b):
-        """The SAME RandomResizedCrop (bicubic) and horizontal flip on both frames (Table 4a)."""
-        pair = torch.from_numpy(np.stack([a, b])).permute(0, 3, 1, 2)  # (2, 3, H, W) uint8
-        i, j, h, w = T.RandomResizedCrop.get_params(pair, list(self.cfg.crop_scale), [3 / 4, 4 / 3])
-        S, bicubic = self.cfg.img_size, T.InterpolationMode.BICUBIC
-        pair = TF.resized_crop(pair, i, j, h, w, [S, S], bicubic, antialias=True)
-        return pair.flip(-1) if torch.rand(()) < 0.5 else pair
+        """The SAME RandomResizedCrop and horizontal flip on both frames (Table 4a), resized by
+        OpenCV: area averaging when shrinking (antialiased), bicubic when enlarging (MAE's
+        interpolation=3). 3x less CPU than torchvision's antialiased bicubic on uint8 tensors."""
+        H, W, _ = a.shape
+        scale, ratio = list(self.cfg.crop_scale), [3 / 4, 4 / 3]
+        i, j, h, w = T.RandomResizedCrop.get_params(torch.empty(0, H, W), scale, ratio)  # reads H, W
+        S = self.cfg.img_size
+        interp = cv2.INTER_AREA if h * w > S * S else cv2.INTER_CUBIC
+        pair = np.stack([cv2.resize(f[i:i + h, j:j + w], (S, S), interpolation=interp) for f in (a, b)])
+        pair = pair[:, :, ::-1] if torch.rand(()) < 0.5 else pair  # (2, S, S, 3), flipped left-right
+        return torch.from_numpy(np.ascontiguousarray(pair)).permute(0, 3, 1, 2)  # (2, 3, S, S) uint8
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -10,11 +10,14 @@ local window, of frame 0 and of the last `queue` predicted frames. DAVIS is scor
 davisvideochallenge/davis2017-evaluation scores it (re-implemented with numpy + OpenCV, the same
 numbers to the last decimal). JHMDB and VIP go through the same propagation; what they label and how
 they are scored follows CRW (Jabri et al., NeurIPS 2020, ajabri/videowalk; UVC; xvjiarui/VFS).
+`--protocol crw` is the other computation in print: CRW's code as alexandre-eymael/CropMAE
+(`downstreams/propagation/src/`) runs it for CropMAE (ECCV 2024) and its successors (Protocol, CHOICES).
 
     python propagate.py --ckpt random                 # toy DAVIS (made once), untrained ViT-S/16
     python propagate.py --ckpt pixels                 # toy DAVIS, raw colour patches as features
     python propagate.py --ckpt out/siammae/checkpoint.pt --davis DAVIS/   # DAVIS-2017 val
     python propagate.py --ckpt dino_deitsmall16_pretrain.pth --davis DAVIS/ --protocol dino
+    python propagate.py --ckpt ... --davis DAVIS_480_880/ --protocol crw   # CropMAE's numbers
     python propagate.py --task jhmdb --ckpt ... --jhmdb JHMDB/   # split-1 test, PCK@0.1/0.2 (scipy)
     python propagate.py --task vip --ckpt ... --vip VIP_Fine/    # 50 val videos, mIoU of 20 classes
     python propagate.py --eval-only --results DIR --davis DAVIS/   # score a DAVIS results folder
@@ -25,12 +28,14 @@ names (the shapes give the architecture), or a baseline, `random` or `pixels`. W
 task runs on its toy set. Outputs: DAVIS OUT/<seq>/<frame>.png (indexed, original size: what the
 toolkit reads) and the toolkit's global_results-<set>.csv, per-sequence_results-<set>.csv; JHMDB
 OUT/<class>/<video>.csv (keypoints), pck.csv, per-video_pck.csv; VIP OUT/<video>/<frame>.png,
-miou.csv, per-video_miou.csv.
+miou.csv, per-video_miou.csv; --crw-files: also what CRW's scorers read (OUT/ids/, OUT/<i>.dat).
 
 Checked against the originals (scratch copies, not in this repo), 2026-11-23, 2-core CPU: with a
 random ViT-T/16 saved as a DINO checkpoint, DINO's script (on CPU) and `--protocol dino` write 60 of
 60 toy-DAVIS PNGs bit-identical at 480p, and davis2017-evaluation gives the same J&F (0.884) and
 byte-identical CSVs. (At other sizes a near-tied top-k choice can flip with the summation order.)
+2026-12-01: CropMAE's src/test.py + convert_davis.py with the same random ViT-S/16 and `--protocol crw
+--batch 5` write 60 of 60 toy-DAVIS PNGs identical at 480x880 (0 pixels differ).
 Speed on 2 idle cores (`--bench`): propagation 0.22 s/frame at 480p (grid 30x52, queue 20, radius
 20, top-k 7; DINO's label_propagation ~0.7 s, plus 5.7 s per video to build its mask, ours 0.01 s);
 the whole run = ViT-S/16 forward (0.73 s/frame) + 0.16 s/frame; J and F of one 480x854 object-frame
@@ -42,6 +47,7 @@ DAVIS, JHMDB, VIP, main, Plumbing (command line, overlays, benchmark).
 import argparse
 import csv
 import dataclasses
+import functools
 import glob
 import inspect
 import math
@@ -80,8 +86,9 @@ class Config:
     eval_only: bool = False  # only score a DAVIS results folder (--results) against --davis
     results: str = ""  # the results folder for --eval-only: <results>/<seq>/<frame>.png
     # the protocol
-    protocol: str = "siammae"  # knob preset: siammae (Table 4b, per task) | dino (DINO's
-                               # eval_video_segmentation.py, DAVIS only)
+    protocol: str = "siammae"  # siammae (Table 4b's knobs, DINO's computation) | dino (DINO's
+                               # eval_video_segmentation.py, DAVIS only) | crw (CRW's code as
+                               # CropMAE runs it: its computation and knobs, see CHOICES)
     topk: int = 7  # labels come from the k most similar source patches (SiamMAE: 7; DINO: 5)
     queue: int = 20  # predicted frames kept as context besides frame 0 (SiamMAE: 20; DINO: 7)
     radius: int = 20  # window |Δrow|, |Δcol| <= r on the patch grid; 0 = whole frame (SiamMAE: 20;
@@ -92,6 +99,9 @@ class Config:
                             # (CRW: 3; 1 = argmax)
     short_side: int = 480  # frames resized to this short side (DINO: 480, DAVIS' "480p")
     size_multiple: int = 64  # the long side is floored to a multiple of this (DINO: 64, 854 -> 832)
+    frame_size: str = ""  # CRW's --crop_size, instead of --short-side: HxW stretches every frame to
+                          # H x W (CRW: 480x880 DAVIS, 320x320 JHMDB); one number L sets the long
+                          # side, the short side floored to x64 (CRW: 880 VIP, 320x240 -> 880x640)
     # the encoder
     model: str = "vit_small"  # architecture of `random`; a checkpoint's comes from its shapes
     patch_size: int = 0  # 0 = the checkpoint's (baselines: 16); set it to check a checkpoint
@@ -105,6 +115,15 @@ class Config:
     device: str = "auto"  # auto = cuda if available, else cpu
     overlay: bool = False  # also write OUT/overlays/<video>.png (a strip) and .mp4, masks blended
                            # or skeletons drawn: to see where the propagation fails
+    explain: bool = False  # also write OUT/explain/<video>.png: for 3 patches of the middle frame,
+                           # the top-k sources that labelled them and their weights, on the
+                           # context frames (frame 0 and the queue): what propagation looks at
+    crw_files: bool = False  # also write what CRW's scorers read: VIP OUT/ids/<video>/<frame>_mask.png
+                             # (grey ids, eval_vip.py), JHMDB OUT/<i>.dat (2, 15, T) in grid cells
+                             # and OUT/vallist.txt (eval_pck.py); on with --protocol crw
+    crw_pck: bool = False  # JHMDB: eval_pck.py's edge cases: a predicted x < 0 is lost, a frame
+                           # with one visible joint (person box 0) scores it as a miss; on with
+                           # --protocol crw (a joint never scored: NaN, left out; eval_pck fails)
     bench: bool = False  # time propagation, the ViT-S/16 forward and the metric at 480p, no data
 
 
@@ -119,7 +138,46 @@ PROTOCOLS = {  # (--task, --protocol) presets, applied before the flags given
     # Table 4b, VIP. Frame size not stated; UVC's VIP command resizes to 560 x 560 (--scale_size)
     ("vip", "siammae"): dict(topk=10, queue=20, radius=8, temperature=0.1, short_side=560,
                              size_multiple=64),
+    # CropMAE downstreams/propagation/util.py (its defaults per task, = CRW code/test.py's); fp32:
+    # its src/test.py has no autocast
+    ("davis", "crw"): dict(topk=7, queue=20, radius=20, temperature=0.7, frame_size="480x880",
+                           precision="fp32", crw_files=True, crw_pck=True),
+    ("jhmdb", "crw"): dict(topk=7, queue=20, radius=20, temperature=0.7, frame_size="320x320",
+                           keypoint_topk=5, precision="fp32", crw_files=True, crw_pck=True),
+    ("vip", "crw"): dict(topk=10, queue=20, radius=20, temperature=0.7, frame_size="880",
+                         precision="fp32", crw_files=True, crw_pck=True),
 }
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a protocol computes, beside its knobs: each field is one documented choice of the official
+    code, and the one loop (propagate_frames) reads them. DINO = facebookresearch/dino
+    eval_video_segmentation.py; CRW = ajabri/videowalk code/test.py, code/utils/test_utils.py,
+    code/data/vos.py, jhmdb.py, as alexandre-eymael/CropMAE downstreams/propagation/src/ runs them."""
+    float_resize: bool  # frames: bilinear resize of the /255 float image (CRW vos.py load_image,
+                        # resize) or of the uint8 one, /255 after (DINO read_frame)
+    std_red: float  # normalisation: red std 0.229 (CRW vos.py) or 0.228 (DINO color_normalize, sic)
+    prefill: bool  # context: the queue starts full, --queue copies of frame 0 (CRW: the clip opens
+                   # with video_len copies, test_utils.py context_index_bank) or empty (DINO)
+    frame0_global: bool  # context: frame 0 has its own slot searched over the whole frame (CRW
+                         # --long_mem 0: the mask is added to the short-term entries only) or it is
+                         # windowed like the queue (DINO)
+    disc: bool  # locality: Euclidean grid distance < r (CRW utils MaskedAttention) or |Δrow| <= r
+                # and |Δcol| <= r (DINO restrict_neighborhood)
+    softmax: bool  # weighting: softmax of cos / τ over exactly the top k (CRW test_utils.py
+                   # mem_efficient_batched_affinity) or exp(cos / τ) normalised over the top k,
+                   # ties kept (DINO label_propagation)
+    crw_labels: bool  # labels: CRW's (vos.py: nearest to the fed size, bilinear down to the grid;
+                      # dump_predictions: bilinear up, no min-max; frame 0 reconstructed; jhmdb.py
+                      # heatmaps, process_pose) or DINO's (nearest down, min-max, frame 0 = given)
+
+
+DINO = Protocol(float_resize=False, std_red=0.228, prefill=False, frame0_global=False, disc=False,
+                softmax=False, crw_labels=False)
+CRW = Protocol(float_resize=True, std_red=0.229, prefill=True, frame0_global=True, disc=True,
+               softmax=True, crw_labels=True)
+CHOICES = {"siammae": DINO, "dino": DINO, "crw": CRW}  # --protocol -> its computation
 TOY = {  # no data root: the toy set's frames stay at their native size, no upscaling
     "davis": dict(short_side=160, size_multiple=16),  # toy DAVIS frames are 160 px high
     "jhmdb": dict(short_side=240, size_multiple=16),  # toy JHMDB frames are 320 x 240, as JHMDB's
@@ -366,7 +424,7 @@ def load_encoder(ckpt, model="vit_small", patch_size=0, heads=0, checkpoint_key=
 # -----------------------------------------------------------------------------
 # Frames and labels on disk (DINO eval_video_segmentation.py `read_frame`, `imwrite_indexed`)
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # DINO `color_normalize`: 0.228 (sic) red
+MEAN = (0.485, 0.456, 0.406)  # ImageNet's; the std is (Protocol.std_red, 0.224, 0.225)
 
 
 def davis_palette():
@@ -431,16 +489,33 @@ def protocol_size(H, W, short, multiple):
     return short, int(((short * W) / H) // multiple * multiple)
 
 
-def read_frame(path, size):
-    """DINO `read_frame` -> (3, th, tw) float32, normalized, and the original BGR frame."""
+def fed_size(H, W, cfg):
+    """The size (th, tw) a protocol feeds an H x W frame at: --frame-size as CRW vos.py reads its
+    --crop_size (two numbers: stretched; one: the long side, the short side int(short·L/long) floored
+    to x64), else DINO's short-side rule."""
+    if "x" in cfg.frame_size:
+        return tuple(int(v) for v in cfg.frame_size.split("x"))
+    if cfg.frame_size:
+        L = int(cfg.frame_size)
+        return (int(H * L / W) // 64 * 64, L) if W > H else (L, int(W * L / H) // 64 * 64)
+    return protocol_size(H, W, cfg.short_side, cfg.size_multiple)
+
+
+def read_frame(path, size, proto=None):
+    """DINO `read_frame` (or CRW vos.py `load_image`, `resize`, `color_normalize` with
+    proto.float_resize) -> (3, th, tw) float32, normalized, and the original BGR frame."""
+    proto = proto or DINO
     bgr = cv2.imread(path)
     if bgr is None:
         fail(f"cannot read frame {path}; re-extract the video's frames")
-    img = cv2.resize(bgr, (size[1], size[0]))  # bilinear on uint8, cv2's default, as DINO
-    x = img.astype(np.float32)[:, :, ::-1] / 255.0  # BGR -> RGB in [0, 1]
+    if proto.float_resize:  # CRW: /255 first, then cv2's bilinear on the float image
+        x = cv2.resize(bgr.astype(np.float32) / 255.0, (size[1], size[0]))[:, :, ::-1]
+    else:  # DINO: cv2's bilinear on uint8, then /255
+        x = cv2.resize(bgr, (size[1], size[0])).astype(np.float32)[:, :, ::-1] / 255.0  # RGB
     x = torch.from_numpy(np.ascontiguousarray(x).transpose(2, 0, 1))  # (3, th, tw)
-    for c in range(3):  # (x - mean) / std per channel, in DINO's order of operations
-        x[c].sub_(MEAN[c]).div_(STD[c])
+    std = (proto.std_red, 0.224, 0.225)
+    for c in range(3):  # (x - mean) / std per channel, in DINO's (and CRW's) order of operations
+        x[c].sub_(MEAN[c]).div_(std[c])
     return x, bgr
 
 
@@ -450,21 +525,24 @@ def frame_geometry(path, cfg, patch_size):
     if first is None:
         fail(f"cannot read frame {path}; re-extract the video's frames")
     H, W = first.shape[:2]
-    size = protocol_size(H, W, cfg.short_side, cfg.size_multiple)
+    size = fed_size(H, W, cfg)
     return (H, W), size, (size[0] // patch_size, size[1] // patch_size)
 
 
 # -----------------------------------------------------------------------------
 # Label propagation (DINO eval_video_segmentation.py: label_propagation, eval_video_tracking_davis)
 # S context frames, N = h·w patches per frame, C label channels (classes, or JHMDB's joints).
-# A protocol is four choices, each a named function and flag here, not a line inside the loop:
-#   context    frames matched against: frame 0 + the last --queue predictions (Context)
-#   locality   their patches inside a square of --radius (local_window, neighbourhood_bands)
-#   weighting  exp(cos / τ) of the --topk best, ties kept, normalised (topk_affinity)
-#   labels     onto the patch grid and back to pixels (first_label, labels_to_pixels)
-# propagate_frames, the loop every task shares, only strings them together: a protocol with other
-# choices (CRW's prefilled queue, a disc on the recent frames only, a softmax over exactly k) brings
-# its own versions of these functions and runs through the same loop.
+# A protocol is four choices (Protocol's fields), each a named function here, not a line in the loop:
+#              DINO (--protocol dino, siammae)          CRW (--protocol crw)
+#   context    frame 0 + the last --queue predictions   frame 0 in a global slot + a queue of --queue
+#              (Context)                                that starts as copies of frame 0
+#   locality   square |Δ| <= --radius, every frame      disc, distance < --radius, the queue only
+#              (local_window, neighbourhood_bands)
+#   weighting  exp(cos / τ) over the top k, ties kept   softmax(cos / τ) over exactly the top k
+#              (topk_affinity)                          (softmax_topk)
+#   labels     nearest down; bilinear up, min-max       bilinear down; bilinear up, no min-max
+#              (first_label, labels_to_pixels)
+# propagate_frames, the loop every task shares, only strings them together.
 
 def label_propagation(target, ctx_feats, ctx_labels, window, k, temperature):
     """The definition (DINO `label_propagation`), dense: the soft label of a target frame.
@@ -482,11 +560,18 @@ def label_propagation(target, ctx_feats, ctx_labels, window, k, temperature):
     return weights @ ctx_labels.reshape(S * N, -1)  # (N, S·N) x (S·N, C): DINO `torch.mm(segs, aff)`
 
 
-def local_window(h, w, r):
-    """DINO `restrict_neighborhood`: source patch (p, q) may feed target (i, j) iff |p - i| <= r and
-    |q - j| <= r (cut at the borders); r = 0: the whole frame -> (N, N) bool [target, source]."""
+def outside(di, dj, r, disc):
+    """Locality: is a source (di, dj) patches from its target out of reach? DINO
+    `restrict_neighborhood`: |di| > r or |dj| > r (a square); CRW `MaskedAttention`: di² + dj² >= r²
+    (a disc, strict). r = 0: nothing is (the whole frame, both protocols here)."""
+    far = (di ** 2 + dj ** 2 >= r * r) if disc else (di.abs() > r) | (dj.abs() > r)
+    return far & (r > 0)
+
+
+def local_window(h, w, r, disc=False):
+    """The sources each target may draw on, cut at the borders -> (N, N) bool [target, source]."""
     i, j = (a.reshape(-1) for a in torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"))
-    return (((i[:, None] - i).abs() <= r) & ((j[:, None] - j).abs() <= r)) | (r == 0)
+    return ~outside(i[:, None] - i, j[:, None] - j, r, disc)
 
 
 # The same computation, fast. The context is stored column-major, (w, S, h, ·): a band of target
@@ -494,8 +579,9 @@ def local_window(h, w, r):
 # contiguous block, so its affinities are one matrix product and its top-k one call, and no affinity
 # is computed where the window forbids it.
 
-def neighbourhood_bands(h, w, r, device, band=4):
-    """local_window in bands of `band` target columns, built once per grid size; a band's sources
+@functools.lru_cache(maxsize=8)  # built once per grid size (and radius, shape, device), not per video
+def neighbourhood_bands(h, w, r, device, band=4, disc=False):
+    """local_window in bands of `band` target columns; a band's sources
     are its columns ± r (a third less work at 30x52, r = 20). -> [(c0, c1, s0, s1, forbidden)]:
     targets = columns [c0, c1), sources = columns [s0, s1), forbidden (Tq, s1 - s0, 1, h) bool,
     broadcast over the S context frames."""
@@ -508,8 +594,7 @@ def neighbourhood_bands(h, w, r, device, band=4):
         tc, tr = torch.meshgrid(torch.arange(c0, c1), torch.arange(h), indexing="ij")  # column, row
         tc, tr = tc.reshape(-1, 1, 1, 1), tr.reshape(-1, 1, 1, 1)  # (Tq, 1, 1, 1), Tq = (c1 - c0)·h
         sc, sr = torch.arange(s0, s1).view(1, -1, 1, 1), torch.arange(h).view(1, 1, 1, -1)
-        forbidden = ((tc - sc).abs() > r) | ((tr - sr).abs() > r)  # (Tq, s1 - s0, 1, h)
-        bands.append((c0, c1, s0, s1, (forbidden & (r > 0)).to(device)))
+        bands.append((c0, c1, s0, s1, outside(tr - sr, tc - sc, r, disc).to(device)))
     return bands
 
 
@@ -528,9 +613,19 @@ def topk_affinity(logits, k, temperature):
     return weights / weights.sum(dim=1, keepdim=True), ids
 
 
-def propagate_step(target, ctx_feats, ctx_labels, bands, k, temperature):
+def softmax_topk(logits, k, temperature):
+    """CRW's weighting (test_utils.py `mem_efficient_batched_affinity`): the logits / τ, exactly the
+    k largest (torch.topk: a tie at the k-th is cut), softmax over those k. -> (Tq, k) each."""
+    v, ids = (logits / temperature).topk(min(k, logits.shape[1]), dim=1)
+    return torch.softmax(v, dim=1), ids
+
+
+def propagate_step(target, ctx_feats, ctx_labels, bands, k, temperature, softmax=False,
+                   global_slot=None, record=None):
     """label_propagation, band by band. target (w, h, D) and ctx_feats (w, S, h, D) unit length;
-    ctx_labels (w, S, h, C) -> soft label (w, h, C)."""
+    ctx_labels (w, S, h, C) -> soft label (w, h, C). softmax: CRW's weighting, else DINO's.
+    global_slot (feats (N, D), labels (N, C)): a frame searched over all its N patches (CRW's frame
+    0), first on the source axis. record: a list that gets each band's (weights, ids), for --explain."""
     w, S, h, D = ctx_feats.shape
     C = ctx_labels.shape[-1]
     out = target.new_empty(w, h, C)
@@ -539,46 +634,59 @@ def propagate_step(target, ctx_feats, ctx_labels, bands, k, temperature):
         keys = ctx_feats[s0:s1].reshape(-1, D)  # its candidate sources, all frames: (M, D)
         logits = q @ keys.T  # (Tq, D) x (D, M) -> (Tq, M): cosine similarities
         logits.view(len(q), s1 - s0, S, h).masked_fill_(forbidden, float("-inf"))  # the window
-        weights, ids = topk_affinity(logits, k, temperature)  # (Tq, n) each
-        src = ctx_labels[s0:s1].reshape(-1, C)[ids]  # labels of the kept sources: (Tq, n, C)
-        out[c0:c1] = (weights.unsqueeze(-1) * src).sum(1).view(c1 - c0, h, C)  # Σ_s W · label(s)
+        labels = ctx_labels[s0:s1].reshape(-1, C)  # (M, C)
+        if global_slot is not None:  # (Tq, N + M) and (N + M, C): frame 0 whole, then the window
+            logits = torch.cat([q @ global_slot[0].T, logits], dim=1)
+            labels = torch.cat([global_slot[1], labels])
+        weights, ids = (softmax_topk if softmax else topk_affinity)(logits, k, temperature)
+        out[c0:c1] = (weights.unsqueeze(-1) * labels[ids]).sum(1).view(c1 - c0, h, C)  # Σ W · label
+        if record is not None:
+            record.append((weights, ids))
     return out
 
 
 class Context:
-    """What a target is matched against (DINO `eval_video_tracking_davis`): frame 0 with its given
-    label, always, and a FIFO queue of the last `queue` predicted frames with their SOFT labels
-    (before the argmax; never ground truth). Stored (w, 1 + queue, h, ·) for propagate_step; the
-    queue is a ring: the order of the context frames does not matter (the top-k runs over a set)."""
+    """What a target is matched against: frame 0 with its given label, always, and a FIFO queue of
+    the last `queue` predicted frames with their SOFT labels (before the argmax; never ground truth).
+    DINO (`eval_video_tracking_davis`): frame 0 is slot 0 of the windowed stack, the queue starts
+    empty. CRW (frame0_global, prefill): frame 0 is also `global_slot`, outside the window, and the
+    queue starts as `queue` copies of it (its clip opens with video_len copies of frame 0): copies
+    of the features already computed, never forwarded again. Stored (w, slots, h, ·) for
+    propagate_step; the queue is a ring: the order of the context frames does not matter (the top-k
+    runs over a set); `frame_of` says which frame each slot holds (for --explain)."""
 
-    def __init__(self, feats0, label0, queue):  # frame 0: (w, h, D), (w, h, C)
-        w, h, D = feats0.shape
-        self.feats = feats0.new_zeros(w, 1 + queue, h, D)
-        self.labels = feats0.new_zeros(w, 1 + queue, h, label0.shape[-1])
-        self.feats[:, 0], self.labels[:, 0] = feats0, label0
-        self.queue, self.pushed = queue, 0
+    def __init__(self, feats0, label0, queue, prefill=False, frame0_global=False):
+        w, h, D = feats0.shape  # frame 0: (w, h, D), (w, h, C)
+        self.fixed = 0 if frame0_global else 1  # frame 0's windowed slot (DINO)
+        flat = (feats0.reshape(w * h, D), label0.reshape(w * h, -1))  # (N, D), (N, C)
+        self.global_slot = flat if frame0_global else None
+        self.feats = feats0[:, None].repeat(1, self.fixed + queue, 1, 1)  # (w, slots, h, D)
+        self.labels = label0[:, None].repeat(1, self.fixed + queue, 1, 1)  # (w, slots, h, C)
+        self.queue, self.pushed = queue, queue if prefill else 0
+        self.frame_of = [0] * (self.fixed + queue)
 
     def frames(self):  # -> (w, S, h, D), (w, S, h, C): frame 0 + the predictions so far, <= queue
-        n = 1 + min(self.pushed, self.queue)
+        n = self.fixed + min(self.pushed, self.queue)
         return self.feats[:, :n], self.labels[:, :n]
 
-    def push(self, feats, soft):  # a predicted frame joins, in the oldest one's slot once full
+    def push(self, feats, soft, t=0):  # a predicted frame joins, in the oldest one's slot once full
         if self.queue > 0:
-            slot = 1 + self.pushed % self.queue
-            self.feats[:, slot], self.labels[:, slot] = feats, soft
+            slot = self.fixed + self.pushed % self.queue
+            self.feats[:, slot], self.labels[:, slot], self.frame_of[slot] = feats, soft, t
         self.pushed += 1
 
 
-def propagate_frames(encoder, frames, first, size, cfg, device, amp):
+def propagate_frames(encoder, frames, first, size, cfg, device, amp, explain=None):
     """The loop all tasks share: frame 0's label `first` (h, w, C) on the patch grid (DAVIS / VIP
     one-hot masks, JHMDB joint heatmaps) carried through the video; yields (t, original BGR frame,
-    soft label (C, h, w)), None for frame 0 (its label is given). Frames are encoded in chunks of
-    --batch: memory holds the context and one chunk, whatever the video's length."""
+    soft label (C, h, w)), for frame 0 its given label. Frames are encoded in chunks of --batch:
+    memory holds the context and one chunk, whatever the video's length."""
+    proto = CHOICES[cfg.protocol]
     h, w = size[0] // encoder.patch_size, size[1] // encoder.patch_size
-    bands = neighbourhood_bands(h, w, cfg.radius, device)
+    bands = neighbourhood_bands(h, w, cfg.radius, device, disc=proto.disc)
     for start in range(0, len(frames), cfg.batch):
         chunk = frames[start:start + cfg.batch]
-        pairs = [read_frame(f, size) for f in chunk]
+        pairs = [read_frame(f, size, proto) for f in chunk]
         if start == 0:
             H, W = pairs[0][1].shape[:2]  # every frame must have the first one's size
         for f, (_, bgr) in zip(chunk, pairs):
@@ -590,23 +698,51 @@ def propagate_frames(encoder, frames, first, size, cfg, device, amp):
         feats = F.normalize(feats, dim=-1).transpose(1, 2)  # unit length (as DINO): (B, w, h, D)
         for b, t in enumerate(range(start, start + len(chunk))):
             if t == 0:
-                context = Context(feats[0], first.transpose(0, 1).to(device), cfg.queue)
-                yield t, pairs[b][1], None
-                continue
-            soft = propagate_step(feats[b].contiguous(), *context.frames(), bands, cfg.topk,
-                                  cfg.temperature)  # (w, h, C)
-            context.push(feats[b], soft)
+                soft = first.transpose(0, 1).to(device)  # (w, h, C)
+                context = Context(feats[0], soft, cfg.queue, proto.prefill, proto.frame0_global)
+            else:
+                record = [] if explain and t == explain.t else None
+                soft = propagate_step(feats[b].contiguous(), *context.frames(), bands, cfg.topk,
+                                      cfg.temperature, proto.softmax, context.global_slot,
+                                      record)  # (w, h, C)
+                if record is not None:
+                    explain.draw(pairs[b][1], soft, context, record, bands)
+                context.push(feats[b], soft, t)
+            if explain:
+                explain.keep(t, pairs[b][1])
             yield t, pairs[b][1], soft.permute(2, 1, 0)  # (C, h, w)
 
 
-def first_label(path, grid):
-    """DINO `read_seg`: the annotation, and its one-hot (h, w, C) on the grid, C = max id + 1."""
+def first_label(path, grid, fed=None):
+    """The annotation, its one-hot (h, w, C) on the grid and each channel's id (C,). DINO `read_seg`
+    (fed None): PIL nearest straight to the grid, C = max id + 1. CRW vos.py (fed = (th, tw)): cv2
+    nearest to the fed size, a channel per id present, cv2 bilinear down to the grid (at x16: the
+    mean of each patch's 2x2 centre pixels). (CRW orders its channels by BGR colour, the id order
+    for DAVIS ids 0-7; the order matters only to an argmax tie.)"""
     ann = read_index_png(path, "first-frame annotation")
     h, w = grid
+    if fed is not None:  # CRW keeps 255 as a class of its own, as any colour
+        big = cv2.resize(ann, (fed[1], fed[0]), interpolation=cv2.INTER_NEAREST)  # (th, tw)
+        ids = np.unique(big)
+        onehot = (big[:, :, None] == ids).astype(np.float32)  # (th, tw, C)
+        small = cv2.resize(onehot, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
+        return ann, torch.from_numpy(small), ids
     small = np.array(Image.fromarray(ann).resize((w, h), Image.NEAREST))  # PIL nearest, to the grid
     # 255 (void) in a first frame would be a 256th class in DINO's script; it is not an object
     small = torch.from_numpy(np.where(small == 255, 0, small).astype(np.int64))
-    return ann, F.one_hot(small, int(small.max()) + 1).float()  # (h, w, C)
+    ids = np.arange(int(small.max()) + 1)
+    return ann, F.one_hot(small, len(ids)).float(), ids  # (h, w, C)
+
+
+def crw_labels_to_pixels(soft, ids, fed, size, pil):
+    """CRW test_utils.py `dump_predictions`: soft (C, h, w) -> cv2 bilinear to the fed size, no
+    min-max, argmax, the channel's id; then nearest to the original size: cv2's for DAVIS
+    (convert_davis.py), PIL's for VIP (eval_vip.py) -> ids (H, W) uint8."""
+    up = cv2.resize(soft.permute(1, 2, 0).cpu().numpy(), (fed[1], fed[0]))  # (th, tw, C) bilinear
+    lab = ids[up.reshape(fed[0], fed[1], -1).argmax(-1)].astype(np.uint8)  # cv2 drops a lone C
+    if pil:
+        return np.array(Image.fromarray(lab).resize((size[1], size[0]), Image.NEAREST))
+    return cv2.resize(lab, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
 
 
 def labels_to_pixels(soft, patch_size, size):
@@ -786,18 +922,29 @@ def list_davis(root, subset):
     return out
 
 
-def propagate_masks(encoder, frames, ann_path, seq_dir, cfg, device, amp, overlay_dir=None):
+def propagate_masks(encoder, frames, ann_path, seq_dir, cfg, device, amp, overlay_dir=None,
+                    ids_dir=None, explain_dir=None):
     """DAVIS and VIP, one video: the first annotation's one-hot propagated, each soft label back to
-    ids; writes <seq_dir>/<frame>.png for every frame (frame 0 = the annotation, as DINO) -> grid."""
+    ids; writes <seq_dir>/<frame>.png for every frame (DINO: frame 0 = the annotation; CRW: its
+    reconstruction, as any frame) and, with ids_dir, the same ids as greyscale PNGs -> grid."""
+    crw = CHOICES[cfg.protocol].crw_labels
     (H, W), size, grid = frame_geometry(frames[0], cfg, encoder.patch_size)
-    ann, onehot = first_label(ann_path, grid)  # original annotation, (h, w, C)
+    ann, onehot, ids = first_label(ann_path, grid, size if crw else None)  # (H, W), (h, w, C), (C,)
     os.makedirs(seq_dir, exist_ok=True)
-    overlay = overlay_dir and Overlay(overlay_dir, os.path.basename(seq_dir), len(frames), H, W)
-    for t, bgr, soft in propagate_frames(encoder, frames, onehot, size, cfg, device, amp):
-        ids = ann if soft is None else labels_to_pixels(soft, encoder.patch_size, (H, W))  # (H, W)
-        save_indexed_png(os.path.join(seq_dir, frame_name(frames[t]) + ".png"), ids)
+    name = os.path.basename(seq_dir)
+    overlay = overlay_dir and Overlay(overlay_dir, name, len(frames), H, W)
+    explain = explain_dir and Explain(explain_dir, name, len(frames), H, W, grid, cfg.queue)
+    for t, bgr, soft in propagate_frames(encoder, frames, onehot, size, cfg, device, amp, explain):
+        if crw:
+            lab = crw_labels_to_pixels(soft, ids, size, (H, W), pil=cfg.task == "vip")  # (H, W)
+        else:
+            lab = ann if t == 0 else labels_to_pixels(soft, encoder.patch_size, (H, W))
+        save_indexed_png(os.path.join(seq_dir, frame_name(frames[t]) + ".png"), lab)
+        if ids_dir:  # CropMAE eval_vip.py reads cv2's last channel (R) of <frame>_mask.png
+            os.makedirs(ids_dir, exist_ok=True)
+            cv2.imwrite(os.path.join(ids_dir, frame_name(frames[t]) + "_mask.png"), lab)
         if overlay:
-            overlay.add(t, blend(bgr, np.where(ids == 255, 0, ids)))
+            overlay.add(t, blend(bgr, np.where(lab == 255, 0, lab)))
     if overlay:
         overlay.close()
     return grid
@@ -811,7 +958,8 @@ def run_davis(root, seqs, encoder, out, cfg, device, amp, overlay_dir):
         t0 = time.time()
         with torch.inference_mode():
             h, w = propagate_masks(encoder, frames, davis_annotation(root, seq, frames[0]),
-                                   os.path.join(out, seq), cfg, device, amp, overlay_dir)
+                                   os.path.join(out, seq), cfg, device, amp, overlay_dir,
+                                   explain_dir=cfg.explain and os.path.join(out, "explain"))
         line = (f"[{i + 1}/{len(seqs)}] {seq}: {len(frames)} frames, grid {h}x{w} | "
                 f"{len(frames) / (time.time() - t0):.1f} frames/s")
         n_gt = len(glob.glob(os.path.join(root, "Annotations", "480p", seq, "*.png")))
@@ -926,30 +1074,61 @@ def keypoint_heatmaps(xy, frame_hw, size, patch_size, sigma):
     return gauss * ((du.abs() <= 3 * sigma) & (dv.abs() <= 3 * sigma))
 
 
-def heatmap_keypoints(soft, k, frame_hw, size, patch_size):
+def crw_heatmaps(xy, frame_hw, size, patch_size, sigma):
+    """CRW jhmdb.py's label: keypoints (J, 2) in pixels -> (h, w, 1 + J). A joint at cell coordinates
+    u = x · (cells per pixel), onto corners; `draw_labelmap_np`: a ceil(6σ + 1)-wide window from
+    trunc(u - 3σ) (trunc, not floor: int() in Python) holding exp(-(i - c)² / 2σ²) per axis,
+    c = (6σ + 1) // 2 (σ 0.5: 4 x 4 cells, the peak on the rounded cell), cut at the borders. Then
+    channel 0 = 1 where no joint's map reaches (the background, as CRW's JhmdbSet)."""
+    h, w = size[0] // patch_size, size[1] // patch_size
+    (H, W), (th, tw) = frame_hw, size
+    uv = xy * np.array([tw, th]) / np.array([W, H]) / patch_size  # (J, 2) cells, CRW's order of ops
+    n, c = len(np.arange(0, 6 * sigma + 1)), (6 * sigma + 1) // 2  # window cells, its centre
+    lo, hi = np.trunc(uv - 3 * sigma), np.trunc(uv + 3 * sigma + 1)  # (J, 2) window corners
+    heat = np.zeros((h, w, len(xy)))
+    for j, ((u0, v0), (u1, v1)) in enumerate(zip(lo, hi)):
+        if u0 >= w or v0 >= h or u1 < 0 or v1 < 0:  # the window misses the frame: an empty map
+            continue
+        cols = np.arange(max(u0, 0), min(u1, w, u0 + n))  # the window's cells inside the frame
+        rows = np.arange(max(v0, 0), min(v1, h, v0 + n))
+        g = lambda i, i0: np.exp(-(i - i0 - c) ** 2 / (2 * sigma ** 2))  # noqa: E731
+        heat[rows.astype(int)[:, None], cols.astype(int), j] = g(rows, v0)[:, None] * g(cols, u0)
+    heat = torch.from_numpy(heat).float()
+    return torch.cat([(heat.sum(-1, keepdim=True) == 0).float(), heat], dim=-1)
+
+
+def heatmap_keypoints(soft, k, frame_hw, size, patch_size, corners=False):
     """Propagated heatmaps (J, h, w) -> keypoints (J, 2), original pixels: each map's k highest cells
     averaged with their values as weights (CRW test_utils.py `process_pose`, k = 3; 1 = argmax). An
-    all-zero map gives NaN (CRW: -1, and the joint is left out of the person box and the score)."""
+    all-zero map gives NaN (CRW: -1, and the joint is left out of the person box and the score).
+    Cells map to pixels centre to centre, or with `corners` as CRW (eval_pck.py: x / cells · W)."""
     J, h, w = soft.shape
     vals, ids = soft.reshape(J, h * w).topk(min(k, h * w), dim=1)  # (J, k)
     weights = vals / vals.sum(dim=1, keepdim=True)  # 0 / 0 = NaN for an empty map
     cells = torch.stack([ids % w, ids // w], dim=-1).to(soft.dtype)  # (column, row): (J, k, 2)
     uv = (weights.unsqueeze(-1) * cells).sum(dim=1).double().cpu().numpy()  # (J, 2)
-    return (uv + 0.5) / cell_scale(frame_hw, size, patch_size) - 0.5
+    scale = cell_scale(frame_hw, size, patch_size)
+    return uv / scale if corners else (uv + 0.5) / scale - 0.5
 
 
-def propagate_keypoints(encoder, frames, joints, cfg, device, amp, overlay_dir=None, name=""):
+def propagate_keypoints(encoder, frames, joints, cfg, device, amp, overlay_dir=None, name="",
+                        explain_dir=None):
     """JHMDB, one video: frame 1's joints as heatmaps through the shared loop, each soft heatmap back
-    to keypoints -> (T, J, 2) pixels. Frame 1's are the given ones (NaN where its heatmap is empty)."""
-    (H, W), size, _ = frame_geometry(frames[0], cfg, encoder.patch_size)
-    heat = keypoint_heatmaps(joints[0], (H, W), size, encoder.patch_size, cfg.sigma)  # (h, w, J)
+    to keypoints -> (T, J, 2) pixels. DINO: frame 1's are the given ones (NaN where its heatmap is
+    empty); CRW: CRW's heatmaps with a background channel, every frame decoded, frame 1 too."""
+    crw = CHOICES[cfg.protocol].crw_labels
+    (H, W), size, grid = frame_geometry(frames[0], cfg, encoder.patch_size)
+    heatmaps = crw_heatmaps if crw else keypoint_heatmaps
+    heat = heatmaps(joints[0], (H, W), size, encoder.patch_size, cfg.sigma)  # (h, w, [1 +] J)
     pred = np.full((len(frames), len(JOINTS), 2), np.nan)
     overlay = overlay_dir and Overlay(overlay_dir, name, len(frames), H, W)
-    for t, bgr, soft in propagate_frames(encoder, frames, heat, size, cfg, device, amp):
-        if soft is None:
+    explain = explain_dir and Explain(explain_dir, name, len(frames), H, W, grid, cfg.queue)
+    for t, bgr, soft in propagate_frames(encoder, frames, heat, size, cfg, device, amp, explain):
+        if t == 0 and not crw:
             pred[0] = np.where(heat.sum(dim=(0, 1)).numpy()[:, None] > 0, joints[0], np.nan)
-        else:
-            pred[t] = heatmap_keypoints(soft, cfg.keypoint_topk, (H, W), size, encoder.patch_size)
+        else:  # CRW process_pose drops the background channel
+            pred[t] = heatmap_keypoints(soft[1:] if crw else soft, cfg.keypoint_topk, (H, W), size,
+                                        encoder.patch_size, corners=crw)
         if overlay:
             overlay.add(t, draw_skeleton(bgr, pred[t]))
     if overlay:
@@ -957,17 +1136,23 @@ def propagate_keypoints(encoder, frames, joints, cfg, device, amp, overlay_dir=N
     return pred
 
 
-def normalized_distances(pred, gt):
+def normalized_distances(pred, gt, crw=False):
     """CRW eval_pck.py: a keypoint's distance to the truth over the person's size in that frame, 0.6 x
     the diagonal of the box around the frame's ground-truth joints (CRW, UVC and VFS alike). Joints
     without a prediction (NaN) stay out of the box and the score (CRW's `jnt_visible`); a box of size
-    0 scores nothing (CRW would divide by 0). pred, gt (N, J, 2) -> (N, J), NaN = not scored."""
-    found = np.isfinite(pred).all(axis=-1)  # (N, J)
+    0 scores nothing. With `crw` (--crw-pck) as eval_pck.py at its edges: a predicted x < 0 is lost
+    too, the box starts from min 1e6 / max -1, and a box of 0 (one visible joint) divides to inf or
+    NaN, a miss that counts. pred, gt (N, J, 2) -> (N, J), NaN = not scored."""
+    with np.errstate(invalid="ignore"):
+        found = np.isfinite(pred).all(axis=-1) & ((pred[..., 0] >= 0) | (not crw))  # (N, J)
     lo = np.where(found[..., None], gt, np.inf).min(axis=1)  # (N, 2)
     hi = np.where(found[..., None], gt, -np.inf).max(axis=1)
+    if crw:
+        lo, hi = np.minimum(lo, 1e6), np.maximum(hi, -1.0)
     person = 0.6 * np.linalg.norm(hi - lo, axis=-1)[:, None]  # (N, 1); NaN where none is found
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(found & (person > 0), np.linalg.norm(pred - gt, axis=-1) / person, np.nan)
+        d = np.linalg.norm(pred - gt, axis=-1) / person  # (N, J)
+        return np.where(found & (person > 0), d, np.where(found & crw, np.inf, np.nan))
 
 
 def pck(dist, alpha):
@@ -975,24 +1160,38 @@ def pck(dist, alpha):
     mean is over the joints (CRW eval_pck.py `computePCK`). dist (N, J) -> (J,), mean."""
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)  # a joint never scored is NaN
-        per_joint = 100.0 * (dist <= alpha).sum(axis=0) / np.isfinite(dist).sum(axis=0)
+        per_joint = 100.0 * (dist <= alpha).sum(axis=0) / (~np.isnan(dist)).sum(axis=0)
         return per_joint, np.nanmean(per_joint)
 
 
-def run_jhmdb(videos, encoder, out, cfg, device, amp, overlay_dir):
+def write_crw_keypoints(out, i, pred, scale):
+    """CRW test.py's keypoint file <out>/<i>.dat (i = the video's line in the list): a pickled (2, J, T)
+    float32 array of cell coordinates (x = pixels · cells per pixel), -1 = lost, as eval_pck.py
+    reads it back (np.load(allow_pickle=True); x / feat_res · width)."""
+    cells = np.nan_to_num(pred * scale, nan=-1.0).transpose(2, 1, 0).astype(np.float32)  # (2, J, T)
+    cells.dump(os.path.join(out, f"{i}.dat.tmp"))
+    os.replace(os.path.join(out, f"{i}.dat.tmp"), os.path.join(out, f"{i}.dat"))
+
+
+def run_jhmdb(root, videos, encoder, out, cfg, device, amp, overlay_dir):
     """Propagates and scores every video, frames 2.. (frame 1 is given: CRW and UVC skip it). Writes
     <class>/<video>.csv (keypoints, 0-based pixels, empty = lost), pck.csv (per joint and mean) and
-    per-video_pck.csv, in % -> the means and the per-joint values."""
+    per-video_pck.csv, in %, and with --crw-files <i>.dat and vallist.txt (eval_pck.py's inputs)
+    -> the means and the per-joint values."""
     dists, rows, t_all = [], [], time.time()
     header = ["frame"] + [f"{j}_{c}" for j in JOINTS for c in "xy"]
     for i, (name, frames, joints) in enumerate(videos):
         t0 = time.time()
         with torch.inference_mode():
-            pred = propagate_keypoints(encoder, frames, joints, cfg, device, amp, overlay_dir, name)
+            pred = propagate_keypoints(encoder, frames, joints, cfg, device, amp, overlay_dir, name,
+                                       cfg.explain and os.path.join(out, "explain"))
         xy_rows = [[frame_name(f)] + [fmt(v) for v in xy.reshape(-1)] for f, xy in zip(frames, pred)]
         write_csv(os.path.join(out, name + ".csv"), [header] + xy_rows)
+        if cfg.crw_files:
+            (H, W), size, grid = frame_geometry(frames[0], cfg, encoder.patch_size)
+            write_crw_keypoints(out, i, pred, cell_scale((H, W), size, encoder.patch_size))
         n = min(len(frames), len(joints))  # frames beyond the ground truth's: not scored (as VFS)
-        dists.append(normalized_distances(pred[1:n], joints[1:n]))
+        dists.append(normalized_distances(pred[1:n], joints[1:n], cfg.crw_pck))
         rows.append([name] + [pck(dists[-1], a)[1] for a in PCK_ALPHAS])
         so_far = [pck(np.concatenate(dists), a)[1] for a in PCK_ALPHAS]
         print(f"[{i + 1}/{len(videos)}] {name}: {len(frames)} frames | "
@@ -1011,6 +1210,13 @@ def run_jhmdb(videos, encoder, out, cfg, device, amp, overlay_dir):
           f"per-video_pck.csv\n--- PCK (%) over {len(dist)} frames of {len(videos)} videos ---")
     for r in lines:
         print(f"{r[0]:>15} " + " ".join(f"{v:>12}" for v in r[1:]))
+    if cfg.crw_files:  # eval_pck.py's list: "<joint_positions.mat> <frame folder>" a video, in order
+        path = lambda *p: os.path.abspath(os.path.join(root, *p))  # noqa: E731
+        with open(os.path.join(out, "vallist.txt"), "w") as f:
+            f.writelines(f"{path('joint_positions', v, 'joint_positions.mat')} "
+                         f"{path('Rename_Images', v)}\n" for v, _, _ in videos)
+        print(f"wrote {out}/<i>.dat and vallist.txt: CRW eval_pck.py main() with --filelist "
+              f"{out}/vallist.txt --src_folder {out} --feat_res {grid[1]} {grid[0]}")
     means = {f"PCK@{a}": table[a][1] for a in PCK_ALPHAS}
     return means | {"per_joint": {a: table[a][0] for a in PCK_ALPHAS}}
 
@@ -1095,7 +1301,9 @@ def run_vip(root, videos, encoder, out, cfg, device, amp, overlay_dir):
         t0 = time.time()
         with torch.inference_mode():
             h, w = propagate_masks(encoder, frames, vip_annotation(root, video, frames[0]),
-                                   os.path.join(out, video), cfg, device, amp, overlay_dir)
+                                   os.path.join(out, video), cfg, device, amp, overlay_dir,
+                                   cfg.crw_files and os.path.join(out, "ids", video),
+                                   cfg.explain and os.path.join(out, "explain"))
         hist, scored = vip_confusion(root, out, video, frames)
         total = total + hist
         rows.append([video, 100 * mean_iou(hist)[1]])
@@ -1110,7 +1318,11 @@ def run_vip(root, videos, encoder, out, cfg, device, amp, overlay_dir):
               [["video", "mIoU (%)"]] + [[r[0], fmt(r[1])] for r in rows])
     print(f"propagated {len(videos)} videos in {time.time() - t_all:.1f} s; wrote {out}/miou.csv, "
           f"per-video_miou.csv\n--- IoU (%) per class, {len(videos)} videos ---\n"
-          + " ".join(f"{c}: {v or '-'}" for c, v in per_class) + f"\nmIoU {100 * miou:.2f}")
+          + " ".join(f"{c}: {v or '-'}" for c, v in per_class)
+          + f"\nmIoU {miou:.4f} = {100 * miou:.2f} % (eval_vip.py prints the fraction)")
+    if cfg.crw_files:
+        print(f"wrote {out}/ids/<video>/<frame>_mask.png: CropMAE eval_vip.py -p {out}/ids -g "
+              f"{root}/Annotations/Category_ids")
     return {"mIoU": 100 * miou, "IoU": 100 * iou}
 
 
@@ -1131,7 +1343,8 @@ def main(argv=None):
     if not root:  # the task's toy set (toydata.py is imported only then: this file stands alone)
         import toydata
         root = os.path.join(toydata.ensure_toy_data(), cfg.task.upper())  # DAVIS/, JHMDB/, VIP/
-        print(f"no --{cfg.task}: the toy set at {root}, frames at their native size {TOY[cfg.task]}")
+        size = f"frames {cfg.frame_size}" if cfg.frame_size else f"frames at their native size {TOY[cfg.task]}"
+        print(f"no --{cfg.task}: the toy set at {root}, {size}")
     if cfg.eval_only:
         return evaluate_folder(root, cfg.results, list_davis(root, cfg.set), cfg.set)
     if cfg.task == "jhmdb":  # each lister checks its data before anything is written
@@ -1149,9 +1362,7 @@ def main(argv=None):
     out = cfg.out or os.path.join("out", cfg.task, f"{name}-{cfg.protocol}")
     overlay_dir = os.path.join(out, "overlays") if cfg.overlay else None
     os.makedirs(overlay_dir or out, exist_ok=True)
-    if cfg.task == "jhmdb":
-        return run_jhmdb(videos, encoder, out, cfg, device, amp, overlay_dir)
-    run = run_vip if cfg.task == "vip" else run_davis
+    run = {"davis": run_davis, "jhmdb": run_jhmdb, "vip": run_vip}[cfg.task]
     return run(root, videos, encoder, out, cfg, device, amp, overlay_dir)
 
 
@@ -1211,10 +1422,15 @@ def parse_config(argv=None):
         fail("--topk and --batch must be >= 1, --queue and --radius >= 0, --temperature > 0")
     if cfg.sigma <= 0 or cfg.keypoint_topk < 1:
         fail("--sigma must be > 0 and --keypoint-topk >= 1")
+    if not re.fullmatch(r"([1-9]\d*(x[1-9]\d*)?)?", cfg.frame_size):
+        fail(f"--frame-size {cfg.frame_size} is neither HxW (480x880) nor one long side (880)")
+    if cfg.frame_size and min(int(v) for v in cfg.frame_size.split("x")) < 64:
+        fail(f"--frame-size {cfg.frame_size} is under 64 px; give the size fed to the ViT")
+    size = (f"frames {cfg.frame_size}" if cfg.frame_size else
+            f"short side {cfg.short_side} (long side x{cfg.size_multiple})")
     print(f"task {task}, protocol {protocol}: top-k {cfg.topk}, queue {cfg.queue}, radius "
-          f"{cfg.radius}, temperature {cfg.temperature}, short side {cfg.short_side} (long side x"
-          f"{cfg.size_multiple})" + (f", heatmap σ {cfg.sigma}, keypoint top-{cfg.keypoint_topk}"
-                                     if task == "jhmdb" else ""))
+          f"{cfg.radius}, temperature {cfg.temperature}, {size}"
+          + (f", heatmap σ {cfg.sigma}, keypoint top-{cfg.keypoint_topk}" if task == "jhmdb" else ""))
     for k in sorted(k for k in given if k in preset and given[k] != preset[k]):
         print(f"overriding {k} = {given[k]} (preset {preset[k]})")
     return cfg
@@ -1268,6 +1484,71 @@ class Overlay:
         self.video.release()
         cv2.imwrite(self.png[:-4] + ".tmp.png", np.concatenate(self.strip, axis=1))
         os.replace(self.png[:-4] + ".tmp.png", self.png)
+
+
+class Explain:
+    """--explain picture of one video, <dir>/<video>.png: at its middle frame, for 3 target patches
+    (where the 3 largest labels peak; channel 0, the background, left out), the sources that
+    labelled them, boxed on the context frames that hold them (frame 0 first) with their weights
+    (summed where CRW's copies of frame 0 repeat a patch); the target frame first, its 3 patches
+    dotted. These are the weights propagate_step used (its `record`), not a re-computation."""
+
+    def __init__(self, folder, name, n_frames, H, W, grid, queue):
+        self.path, self.t, self.queue = os.path.join(folder, name + ".png"), n_frames // 2, queue
+        self.hw, self.grid, self.pics = (H, W), grid, {}
+        self.scale = 240 / H  # panels 240 px high
+
+    def keep(self, t, bgr):  # frame 0 and the frames the queue may still hold
+        self.pics = {s: p for s, p in self.pics.items() if s == 0 or s >= t - self.queue} | {t: bgr}
+
+    def panel(self, bgr, title):
+        pic = cv2.resize(bgr, (round(self.hw[1] * self.scale), 240), interpolation=cv2.INTER_AREA)
+        cv2.putText(pic, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+        return pic
+
+    def cell(self, col, row):  # a patch cell's corners in panel pixels
+        h, w = self.grid
+        sx, sy = self.hw[1] * self.scale / w, 240 / h
+        return (round(col * sx), round(row * sy)), (round((col + 1) * sx), round((row + 1) * sy))
+
+    def draw(self, bgr, soft, context, record, bands):
+        """soft (w, h, C): frame t's label; record: each band's (weights, ids) from propagate_step."""
+        h = self.grid[0]
+        chans = soft[..., 1:] if soft.shape[-1] > 1 else soft  # (w, h, C')
+        top = chans.sum(dim=(0, 1)).topk(min(3, chans.shape[-1])).indices.tolist()
+        queries = [divmod(int(chans[..., c].argmax()), h) for c in top]  # (col, row) each
+        N, S = self.grid[0] * self.grid[1], context.frames()[0].shape[1]
+        boxes = {}  # (frame, query, col, row) -> weight
+        for qn, (col, row) in enumerate(queries):
+            b = next(i for i, band in enumerate(bands) if band[0] <= col < band[1])
+            c0, _, s0 = bands[b][:3]
+            weights, ids = (x[(col - c0) * h + row].tolist() for x in record[b])
+            for wt, m in zip(weights, ids):
+                if context.global_slot is not None and m < N:  # the global slot: frame 0, (w, h)
+                    key = (0, qn, m // h, m % h)
+                else:  # the band's sources, laid out (columns, S slots, h rows)
+                    m -= N if context.global_slot is not None else 0
+                    key = (context.frame_of[m // h % S], qn, s0 + m // (S * h), m % h)
+                boxes[key] = boxes.get(key, 0.0) + wt
+        target = self.panel(bgr, f"frame {self.t}: 3 target patches")
+        for qn, (col, row) in enumerate(queries):
+            (x0, y0), (x1, y1) = self.cell(col, row)
+            colour = PALETTE[qn + 1][::-1].tolist()
+            cv2.circle(target, ((x0 + x1) // 2, (y0 + y1) // 2), 5, colour, -1)
+        panels = [target]
+        for f in sorted({k[0] for k in boxes}):
+            pic = self.panel(self.pics[f], f"frame {f}")
+            for (g, qn, col, row), wt in boxes.items():
+                if g == f and wt > 0:
+                    (x0, y0), (x1, y1) = self.cell(col, row)
+                    colour = PALETTE[qn + 1][::-1].tolist()
+                    cv2.rectangle(pic, (x0, y0), (x1, y1), colour, 1 + round(2 * wt))
+                    cv2.putText(pic, f"{wt:.2f}", (x0, y0 - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.3,
+                                colour, 1)
+            panels.append(pic)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        cv2.imwrite(self.path[:-4] + ".tmp.png", np.concatenate(panels, axis=1))
+        os.replace(self.path[:-4] + ".tmp.png", self.path)
 
 
 def timed(fn, sync, repeat):

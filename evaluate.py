@@ -31,6 +31,7 @@ The protocol, step by step, and the official code each step follows:
             full-batch L-BFGS in float64.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -38,12 +39,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms as T
+from PIL import Image
 
 import propagate
 from propagate import fail
 
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as logistic_eval.py
 SHOTS = (1, 2, 5)  # labelled images per class (MSN Table 1: 1, 2 and 5 images per class)
 
@@ -51,26 +53,72 @@ SHOTS = (1, 2, 5)  # labelled images per class (MSN Table 1: 1, 2 and 5 images p
 # -----------------------------------------------------------------------------
 # Images and features
 
+def list_images(folder):
+    """[(path, class index)] of an ImageFolder split such as <--data>/train, in torchvision ImageFolder's order, and
+    the class names. A folder that cannot be one is a one-line error that names the fix."""
+    root, split = os.path.split(os.path.normpath(folder))
+    if not os.path.isdir(folder):
+        gone = f" ({root} does not exist)" if not os.path.isdir(root) else ""
+        fail(f"--data {root} has no {split}/ folder{gone}; pass an ImageFolder root holding {split}/<class>/<image>")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        fail(f"{folder} holds no images in class folders; put them in {folder}/<class>/<image> (ImageFolder layout)")
+    samples = []
+    for i, c in enumerate(classes):
+        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(folder, c), followlinks=True))
+                 for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
+        if not found:
+            fail(f"class folder {folder}/{c} holds no images ({' '.join(IMG_EXTS)}); add some or remove it")
+        samples += [(p, i) for p in found]
+    return samples, classes
+
+
+def read_image(path):
+    """The image decoded to RGB (PIL), or None when the file is unreadable, truncated or no image."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError):  # what PIL raises on such files
+        return None
+
+
+def labelled_splits(root):
+    """([(path, label)] of <root>/train, of <root>/val, the class names), checked: the same class folders in both.
+    The trainers call it at the start of an --eval run, so that a bad val/ stops them before training."""
+    (train, classes), (val, val_classes) = (list_images(os.path.join(root, s)) for s in ("train", "val"))
+    if classes != val_classes:
+        only = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+        fail(f"{root}/train and {root}/val have different class folders (only in train: {only[0][:3]}, only in "
+             f"val: {only[1][:3]}, in order: {classes[:3]} vs {val_classes[:3]}); they must list the same classes")
+    return train, val, classes
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """(path, label) samples -> (normalized image (3, S, S), label): short side to round(S·256/224), centre crop S.
+    An unreadable image gives zeros and label -1, for evaluate_vit to leave out and count."""
+
+    def __init__(self, root, samples, classes, img_size):
+        self.root, self.samples, self.classes, self.img_size = root, samples, classes, img_size
+        self.targets = [y for _, y in samples]
+        self.transform = T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(),
+                                    T.Normalize(MEAN, STD)])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, y = self.samples[i]
+        img = read_image(path)
+        if img is None:
+            return torch.zeros(3, self.img_size, self.img_size), -1
+        return self.transform(img), y
+
+
 def image_folders(root, img_size):
-    """<root>/train and <root>/val as ImageFolders with the evaluation transform; checks them."""
-    tf = T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(),
-                    T.Normalize(MEAN, STD)])
-    splits = []
-    for split in ("train", "val"):
-        path = os.path.join(root, split)
-        if not os.path.isdir(path):
-            fail(f"--data {root} has no {split}/ folder; it must hold train/<class>/<image> and "
-                 f"val/<class>/<image> (the ImageFolder layout)")
-        try:
-            splits.append(torchvision.datasets.ImageFolder(path, transform=tf))
-        except (FileNotFoundError, RuntimeError) as e:  # no class folder, or one without images
-            fail(f"{path} is not an ImageFolder ({str(e).splitlines()[0][:80]}); "
-                 f"put the images in {split}/<class>/")
-    train, val = splits
-    if train.classes != val.classes:
-        fail(f"{root}/train and {root}/val have different class folders ({len(train.classes)} vs "
-             f"{len(val.classes)}); they must list the same classes")
-    return train, val
+    """<root>/train and <root>/val as LabelledImages, checked by labelled_splits."""
+    train, val, classes = labelled_splits(root)
+    return tuple(LabelledImages(os.path.join(root, split), samples, classes, img_size)
+                 for split, samples in (("train", train), ("val", val)))
 
 
 @torch.inference_mode()
@@ -83,6 +131,16 @@ def extract_features(vit, folder, device, workers=0, batch_size=64):
         feats.append(h[:, 0].float().cpu())  # cls: (b, D)
         labels.append(y)
     return torch.cat(feats).clone(), torch.cat(labels).clone()  # clones live outside inference mode
+
+
+def readable(x, y, folder, print0):
+    """Features and labels without the images LabelledImages could not read (label -1), with a counted warning."""
+    bad = y < 0
+    if bad.any():
+        first = folder.samples[int(bad.nonzero()[0])][0]
+        print0(f"warning: skipped {int(bad.sum())} unreadable images of {len(y)} in {folder.root} (the first: "
+               f"{first})", flush=True)
+    return x[~bad], y[~bad]
 
 
 # -----------------------------------------------------------------------------
@@ -167,8 +225,9 @@ def evaluate_vit(vit_state, img_size, root, device, desc, workers=0, seed=0, pri
     if not subsets and fewest < max(SHOTS):
         fail(f"{root}/train has a class with {fewest} images; few-shot needs at least {max(SHOTS)}")
     t0 = time.perf_counter()
-    tx, ty = extract_features(vit, train, device, workers)
-    vx, vy = extract_features(vit, val, device, workers)
+    tx_all, ty_all = extract_features(vit, train, device, workers)  # all rows, for the --subsets lists
+    tx, ty = readable(tx_all, ty_all, train, print0)
+    vx, vy = readable(*extract_features(vit, val, device, workers), val, print0)
     res = dict(encoder=desc, arch=arch, img_size=img_size, data=root, n_train=len(ty),
                n_val=len(vy), classes=C, knn_top1=knn_top1(tx, ty, vx, vy, C, knn_k, knn_temp),
                shots={}, subsets={})
@@ -181,7 +240,8 @@ def evaluate_vit(vit_state, img_size, root, device, desc, workers=0, seed=0, pri
         res["shots"][n] = dict(mean=statistics.mean(accs), std=statistics.pstdev(accs), draws=accs)
     for path in subsets:
         pick = subset_draw(train, path)
-        res["subsets"][os.path.basename(path)] = logistic_top1(tx[pick], ty[pick], vx, vy, C, lambd)
+        pick = pick[ty_all[pick] >= 0]  # an unreadable listed image is left out (and was counted)
+        res["subsets"][os.path.basename(path)] = logistic_top1(tx_all[pick], ty_all[pick], vx, vy, C, lambd)
     titles = ["k-NN top-1"] + [f"{n}-shot" for n in res["shots"]] + list(res["subsets"])
     cells = [f"{res['knn_top1']:10.1f}"] + [f"{s['mean']:5.1f} ± {s['std']:4.1f}"
                                             for s in res["shots"].values()]
@@ -189,6 +249,18 @@ def evaluate_vit(vit_state, img_size, root, device, desc, workers=0, seed=0, pri
            f"{C} classes | {time.perf_counter() - t0:.1f}s\n  " + " | ".join(titles) + "\n  "
            + " | ".join(cells + [f"{v:5.1f}" for v in res["subsets"].values()]), flush=True)
     return res
+
+def make_out_dir(out):
+    """Creates --out and writes a probe file in it before the evaluation: an unwritable folder is a one-line error
+    now, not after the features of every image have been computed."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out {out} is not writable ({e.strerror}); fix its permissions or choose another --out")
 
 
 def main(argv=None):
@@ -219,22 +291,29 @@ def main(argv=None):
     if not root:
         import toydata
         root = os.path.join(toydata.ensure_toy_data(), "images")
+    labelled_splits(root)  # a bad --data stops here, before anything is loaded or written
     encoder, desc = propagate.load_encoder(a.ckpt, model=a.model, patch_size=a.patch_size,
                                            checkpoint_key=a.checkpoint_key, seed=a.seed)
     if not hasattr(encoder, "blocks_output"):
         fail(f"--ckpt {a.ckpt} is no ViT; pass a checkpoint or `random`")
-    res = evaluate_vit(encoder.state_dict(), a.img_size or None, root, device, desc, a.workers,
-                       a.seed, heads=getattr(encoder, "heads", 0), knn_k=a.knn_k,
-                       knn_temp=a.knn_temp, draws=a.draws, lambd=a.lambd, subsets=a.subsets)
     name = os.path.splitext(os.path.basename(a.ckpt))[0]
     if os.path.isfile(a.ckpt):  # out/msn/checkpoint.pt -> msn-checkpoint
         name = f"{os.path.basename(os.path.dirname(os.path.abspath(a.ckpt)))}-{name}"
     out = a.out or os.path.join("out", "eval", name)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "eval.json.tmp"), "w") as f:  # then renamed: never half-written
-        json.dump(res, f, indent=1)
-    os.replace(os.path.join(out, "eval.json.tmp"), os.path.join(out, "eval.json"))
-    print(f"wrote {os.path.join(out, 'eval.json')}")
+    make_out_dir(out)
+    res = evaluate_vit(encoder.state_dict(), a.img_size or None, root, device, desc, a.workers,
+                       a.seed, heads=getattr(encoder, "heads", 0), knn_k=a.knn_k,
+                       knn_temp=a.knn_temp, draws=a.draws, lambd=a.lambd, subsets=a.subsets)
+    path = os.path.join(out, "eval.json")
+    try:
+        with open(path + ".tmp", "w") as f:  # then renamed: never half-written
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path} ({e.strerror}); the results are printed above: free space or choose another --out")
+    print(f"wrote {path}")
     return res
 
 

@@ -34,19 +34,21 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import sys
 import time
+import zipfile
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms as T
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -456,8 +458,57 @@ def msn_loss(anchor_z, target_z, prototypes, tau=0.1, T=0.25, memax_weight=1.0, 
 # from a seed made of (seed, epoch, image index): the same data at any worker or rank count, or
 # after a resume.
 
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 BLUR_KERNEL = 13  # ±3σ at the largest σ = 2; the official code uses PIL's GaussianBlur(radius σ)
+
+
+def list_images(folder):
+    """[(path, class index)] of an ImageFolder split such as <--data>/train, in torchvision ImageFolder's order, and
+    the class names. A folder that cannot be one is a one-line error that names the fix."""
+    root, split = os.path.split(os.path.normpath(folder))
+    if not os.path.isdir(folder):
+        gone = f" ({root} does not exist)" if not os.path.isdir(root) else ""
+        fail(f"--data {root} has no {split}/ folder{gone}; pass an ImageFolder root holding {split}/<class>/<image>")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        fail(f"{folder} holds no images in class folders; put them in {folder}/<class>/<image> (ImageFolder layout)")
+    samples = []
+    for i, c in enumerate(classes):
+        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(folder, c), followlinks=True))
+                 for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
+        if not found:
+            fail(f"class folder {folder}/{c} holds no images ({' '.join(IMG_EXTS)}); add some or remove it")
+        samples += [(p, i) for p in found]
+    return samples, classes
+
+
+def read_image(path):
+    """The image decoded to RGB (PIL), or None when the file is unreadable, truncated or no image."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError):  # what PIL raises on such files
+        return None
+
+
+def warn_unreadable(path, skipped):
+    """One warning per unreadable image and process, counted (each DataLoader worker keeps its own `skipped`
+    set); the caller takes the next image instead."""
+    if path not in skipped:
+        skipped.add(path)
+        print(f"warning: skipped unreadable image {path} ({len(skipped)} so far in this process); using the "
+              f"next one", flush=True)
+
+
+def read_image_or_next(samples, idx, skipped):
+    """The image of samples[idx], or of the next readable sample."""
+    for j in range(idx, idx + len(samples)):
+        img = read_image(samples[j % len(samples)][0])
+        if img is not None:
+            return img
+        warn_unreadable(samples[j % len(samples)][0], skipped)
+    raise RuntimeError(f"none of the {len(samples)} images under --data can be read; check the files")
 
 
 def view_transform(size, scale, s):
@@ -476,8 +527,8 @@ class MultiViewImages(torch.utils.data.Dataset):
     anchor's drop noise (N,). Target and masked anchor are two draws of one transform (official
     rand_views + 1 = 2 "rand" views, view 0 the target)."""
 
-    def __init__(self, folder, cfg):
-        self.samples, self.loader, self.cfg = folder.samples, folder.loader, cfg
+    def __init__(self, samples, cfg):
+        self.samples, self.cfg, self.skipped = samples, cfg, set()
         self.rand = view_transform(cfg.img_size, cfg.crop_scale, cfg.color_jitter)
         self.focal = view_transform(cfg.focal_size, cfg.focal_scale, cfg.color_jitter)
 
@@ -486,7 +537,7 @@ class MultiViewImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         idx, epoch = key
-        img, c = self.loader(self.samples[idx][0]), self.cfg  # PIL RGB
+        img, c = read_image_or_next(self.samples, idx, self.skipped), self.cfg  # PIL RGB
         with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global RNG
             torch.manual_seed(hash((c.seed, epoch, idx)) & 0xFFFF_FFFF)
             target, anchor = self.rand(img), self.rand(img)
@@ -524,28 +575,32 @@ def data_root(cfg):
     return os.path.join(toydata.ensure_toy_data(), "images")
 
 
+def check_eval_data(cfg, root):
+    """--eval: evaluate.py's checks of train/ and val/ now, before training, not after it."""
+    if not cfg.eval:
+        return
+    if not os.path.isdir(os.path.join(root, "val")):
+        fail(f"--eval needs labelled images in {root}/val/<class>/<image>; add some or --no-eval")
+    import evaluate
+    evaluate.labelled_splits(root)
+
+
 def make_loader(cfg, rank, world, device, print0):
     """The multi-view loader of <root>/train, with a clear error when the folder is unusable."""
     root = data_root(cfg)
     path = os.path.join(root, "train")
-    if not os.path.isdir(path):
-        fail(f"--data {root} does not exist; pass an ImageFolder root with train/ and val/"
-             if not os.path.isdir(root) else f"--data {root} has no train/ folder; it must hold "
-             f"train/<class>/<image> (the ImageFolder layout)")
-    try:
-        folder = torchvision.datasets.ImageFolder(path)
-    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
-        fail(f"{path} holds no images in class folders ({str(e).splitlines()[0][:80]}); use the "
-             f"ImageFolder layout")
-    sampler = EpochSampler(len(folder), cfg.batch_size, cfg.seed, rank, world)
+    samples, classes = list_images(path)
+    sampler = EpochSampler(len(samples), cfg.batch_size, cfg.seed, rank, world)
     if sampler.batches == 0:
-        fail(f"{len(folder)} images are fewer than one step needs ({world} x {cfg.batch_size}); "
+        fail(f"{len(samples)} images are fewer than one step needs ({world} x {cfg.batch_size}); "
              f"lower --batch-size")
+    check_eval_data(cfg, root)
     loader = torch.utils.data.DataLoader(
-        MultiViewImages(folder, cfg), batch_size=cfg.batch_size, sampler=sampler,
+        MultiViewImages(samples, cfg), batch_size=cfg.batch_size, sampler=sampler,
         num_workers=cfg.workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)
-    print0(f"data {path}: {len(folder)} images, {len(folder.classes)} classes (labels unused), "
+        prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0,
+        worker_init_fn=ignore_stop_signals)
+    print0(f"data {path}: {len(samples)} images, {len(classes)} classes (labels unused), "
            f"{sampler.batches} steps per epoch of {world} x {cfg.batch_size} images")
     return loader, sampler
 
@@ -605,44 +660,128 @@ def param_groups(model, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint: one dict with everything to continue exactly, written atomically (temp file + rename)
+# Checkpoint: one dict with everything to continue exactly. Written to a temp file, flushed to the disk and
+# renamed; the one before stays as checkpoint.prev.pt, so a crash, a full disk or a damaged file at any moment
+# leaves a good checkpoint to --resume from.
 
+METHOD = "msn"  # written into every checkpoint: --resume refuses one of another program
 SOURCE_SHA = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:12]
 ARCH_KEYS = ("model", "patch_size", "img_size", "hidden_dim", "output_dim", "num_proto")
+LAYOUT = {"method", "model", "optimizer", "scaler", "step", "config", "source_sha256", "rng"}  # what save writes
 
 
 def atomic_write_text(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """`text` to `path` through a temp file and a rename: never half a file, and no temp file left behind."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    finally:
+        with suppress(OSError):
+            os.remove(path + ".tmp")
+
+
+def previous(path):
+    """checkpoint.pt -> checkpoint.prev.pt, the checkpoint before the latest."""
+    return os.path.splitext(path)[0] + ".prev.pt"
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, cfg):
-    """model = the whole MSN module: encoder, head, prototypes and the target network."""
+    """model = the whole MSN module: encoder, head, prototypes and the target network. A write that fails (full
+    disk, no permission, read-only) leaves the checkpoints on disk as they were and stops the run, exit 1."""
     rng = dict(torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    state = dict(method="msn", model=model.state_dict(), optimizer=optimizer.state_dict(),
+    state = dict(method=METHOD, model=model.state_dict(), optimizer=optimizer.state_dict(),
                  scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg),
                  source_sha256=SOURCE_SHA, rng=rng)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename makes it the checkpoint
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        with suppress(OSError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(tmp) or ".").free
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"write failed, {free >> 20} MiB free"
+        print(f"error: cannot write the checkpoint of step {step} to {tmp} ({why}); the checkpoints in "
+              f"{os.path.dirname(tmp)} are as they were: free space or fix permissions, then --resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    if os.path.exists(path):
+        os.replace(path, previous(path))
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """-> (the dict save_checkpoint wrote, None), or (None, what is wrong with the file). torch.load does not check
+    the CRC-32 that torch.save writes for every record (a flipped byte in a tensor loads silently): zipfile does."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # the first record whose bytes do not match their CRC-32
+        if bad:
+            return None, f"corrupted (record {bad} fails its CRC-32)"
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except zipfile.BadZipFile:
+        return None, "truncated, or not a torch.save file"
+    except Exception as e:  # whatever zipfile or the unpickler raise on bytes that are no checkpoint
+        return None, f"unreadable ({type(e).__name__})"
+
+
+def resume_state(path):
+    """(state, its path) for --resume: `path`, or when that is missing or damaged the previous checkpoint, with a
+    line that says so (the damaged file is kept aside as <path>.damaged). Neither readable: a one-line error."""
+    state, why = read_checkpoint(path) if os.path.exists(path) else (None, "missing")
+    if state is not None:
+        return state, path
+    prev = previous(path)
+    state, why_prev = read_checkpoint(prev) if os.path.exists(prev) else (None, "missing")
+    if state is None:
+        fail(f"{path} is {why} and {prev} is {why_prev}: nothing to resume; start again without --resume "
+             f"in another --out")
+    if os.path.exists(path) and int(os.environ.get("RANK", 0)) == 0:
+        os.replace(path, path + ".damaged")  # else the next save would rotate it over the good one
+    print(f"warning: {path} is {why}; resuming from the previous checkpoint {prev}", flush=True)
+    return state, prev
+
+
+def check_checkpoint(state, path, cfg):
+    """A checkpoint of another program, another layout (another version of this file) or another architecture is
+    a one-line error that names the fix."""
+    if not isinstance(state, dict) or "method" not in state:
+        fail(f"{path} is no checkpoint of {METHOD}.py (it has no 'method' entry); --resume needs one that "
+             f"{METHOD}.py wrote: choose another --out")
+    if state["method"] != METHOD:
+        fail(f"{path} is a checkpoint of {state['method']}.py, not {METHOD}.py; resume it with "
+             f"{state['method']}.py, or choose another --out")
+    if set(state) != LAYOUT:
+        fail(f"{path} has another layout (missing {sorted(LAYOUT - set(state))}, unknown "
+             f"{sorted(set(state) - LAYOUT)}): another version of {METHOD}.py wrote it; resume it with that "
+             f"version, or choose another --out")
+    theirs, ours = state["config"], dataclasses.asdict(cfg)
+    diff = [f"{k}={theirs.get(k)} (you: {ours[k]})" for k in ARCH_KEYS if theirs.get(k) != ours[k]]
+    if diff:
+        fail(f"{path} is a checkpoint of another architecture: {', '.join(diff)}; pass the same flags or "
+             f"another --out")
 
 
 def load_checkpoint(path, model, optimizer, scaler, cfg):
-    """Restores everything; returns the step to continue from. Refuses another architecture's."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    theirs, ours = state.get("config", {}), dataclasses.asdict(cfg)
-    diff = [f"{k}={theirs.get(k)} (you: {ours[k]})" for k in ARCH_KEYS if theirs.get(k) != ours[k]]
-    if state.get("method") != "msn" or diff:
-        fail(f"{path} is a checkpoint of another architecture: "
-             f"{', '.join(diff) or state.get('method')}; pass the same flags or another --out")
-    model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
+    """Restores everything from `path` (or the previous checkpoint, see resume_state); returns the step to
+    continue from and the file it came from."""
+    state, path = resume_state(path)
+    check_checkpoint(state, path, cfg)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # tensors of other names, shapes or groups
+        fail(f"{path} does not fit this {METHOD}.py ({str(e).strip().splitlines()[0][:80]}); resume it with "
+             f"the version that wrote it (source sha256 {state['source_sha256']}), or choose another --out")
     if torch.cuda.is_available() and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    return state["step"], path
 
 
 # -----------------------------------------------------------------------------
@@ -678,13 +817,14 @@ def main(argv=None):
            f"{cfg.num_proto} prototypes | target = EMA copy")
     if cfg.bench:
         return bench(cfg, model, device, ctx, dtype)
-    os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    if os.path.exists(ckpt_path) and not cfg.resume:
-        fail(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
-    if cfg.resume and not os.path.exists(ckpt_path):
+    found = [p for p in (ckpt_path, previous(ckpt_path)) if os.path.exists(p)]
+    if found and not cfg.resume:
+        fail(f"{found[0]} exists; pass --resume to continue that run, or choose another --out")
+    if cfg.resume and not found:
         fail(f"--resume but there is no checkpoint at {ckpt_path}; drop --resume or fix --out")
-    loader, sampler = make_loader(cfg, rank, world, device, print0)
+    loader, sampler = make_loader(cfg, rank, world, device, print0)  # checks --data before --out is made
+    make_out_dir(cfg.out)
 
     # optimizer and schedules (official init_opt: AdamW, torch's default betas; lr not batch-scaled)
     groups = param_groups(model, cfg.weight_decay)
@@ -703,9 +843,9 @@ def main(argv=None):
            f"warm-up, schedules over {horizon} | wd {cfg.weight_decay} -> "
            f"{cfg.final_weight_decay} on {n_decay / 1e6:.2f}M params, off on {n_off / 1e3:.1f}K + "
            f"prototypes | patch drop {cfg.patch_drop}: {num_kept(N, cfg.patch_drop)} of {N} kept")
-    step = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg) if cfg.resume else 0
+    step, resumed = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg) if cfg.resume else (0, None)
     if cfg.resume:
-        print0(f"resumed from {ckpt_path} at step {step}")
+        print0(f"resumed from {resumed} at step {step}")
     print0("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     evals = dict(before=None)  # -> <out>/eval.json: evaluate.py's results at step 0 and at the end
     if cfg.eval and world > 1:  # the other ranks would wait for rank 0's evaluation in a collective
@@ -719,7 +859,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         print0(f"DDP: {world} process(es), {dist.get_backend()} all-reduce of the gradients")
 
-    K, stop, last_ckpt = cfg.num_proto, stop_on_sigint(), "none yet"
+    K, stop, last_ckpt = cfg.num_proto, stop_on_signals(), "none yet"
     # sums over the log interval, on the device: loss, ce, me-max, H(p̄); prototype usage (K,)
     interval, usage = torch.zeros(4, device=device), torch.zeros(K, device=device)
     n_steps, t_data, t_last = 0, 0.0, time.perf_counter()
@@ -762,9 +902,11 @@ def main(argv=None):
             save_now = step % cfg.ckpt_every == 0 or step == total
             if not (log_now or save_now or (world == 1 and stop["requested"])):
                 continue
-            *sums, stopping = sum_over_ranks([*interval, *usage, stop["requested"]], device, world)
+            got = [stop["requested"] == s for s in STOP_SIGNALS]  # one-hot: the signal this rank received
+            sums = sum_over_ranks([*interval, *usage, *got], device, world)  # 4 + K + 3 floats
+            sums, sig = sums[:-len(got)], stop_signal(sums[-len(got):])  # every rank: the same signal, step
             loss_v, ce, reg, ent_mean = (s / (n_steps * world) for s in sums[:4])  # interval means
-            save_now = save_now or stopping
+            save_now = save_now or sig
             problem = None if math.isfinite(loss_v) else f"loss is {loss_v}"
             finite = (p.isfinite().all() for p in raw_model.parameters())
             if save_now and not problem and not torch.stack(list(finite)).all():
@@ -784,24 +926,22 @@ def main(argv=None):
                        f"ms/step (data {100 * t_data / dt:.0f}%) | {rate:.1f} img/s | eta "
                        f"{(total - step) * ms / 3.6e6:.2f}h", flush=True)
                 if rank == 0:
-                    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                        f.write(json.dumps(dict(
-                            step=step, epoch=step / steps_per_epoch, loss=loss_v, ce=ce, memax=reg,
-                            ent_mean=ent_mean, protos_in_use=protos, lr=lr, wd=wd, momentum=m,
-                            ms_per_step=ms, img_per_s=rate)) + "\n")
+                    write_or_warn(append_line, os.path.join(cfg.out, "log.jsonl"), json.dumps(dict(
+                        step=step, epoch=step / steps_per_epoch, loss=loss_v, ce=ce, memax=reg,
+                        ent_mean=ent_mean, protos_in_use=protos, lr=lr, wd=wd, momentum=m,
+                        ms_per_step=ms, img_per_s=rate)))
                 interval.zero_(), usage.zero_()
                 n_steps, t_data, t_last = 0, 0.0, time.perf_counter()
             if save_now:
                 if rank == 0:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
                 last_ckpt = f"{ckpt_path} at step {step}"
-            if stopping:
-                print0(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-                raise SystemExit(130)
+            if sig:
+                stop_all(sig, step, world, print0)
     print0(f"done: {step} steps; checkpoint {ckpt_path}")
     if cfg.eval and rank == 0:
         evals["after"] = evaluate_encoder(raw_model, cfg, device, step)
-        atomic_write_text(os.path.join(cfg.out, "eval.json"), json.dumps(evals, indent=1))
+        write_or_warn(atomic_write_text, os.path.join(cfg.out, "eval.json"), json.dumps(evals, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
     return raw_model
@@ -910,16 +1050,80 @@ def setup_device(cfg):
     return device, ctx, dtype, rank, world, print0
 
 
-def stop_on_sigint():
-    """Ctrl-C sets a flag that the train loop reads at its next check (it then saves and exits 130); a second
-    Ctrl-C interrupts at once."""
-    stop = {"requested": False}
+# Ctrl-C; the early warning of `#SBATCH --signal=USR1@120`; what SLURM, Kubernetes, `docker stop`
+# and torchrun stop a job with (SIGKILL follows after a grace period: SLURM's KillWait and
+# Kubernetes' default are 30 s, docker's 10 s)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
+
+
+def stop_on_signals():
+    """Each of STOP_SIGNALS sets stop["requested"] to its number. The train loop reads it at its
+    next check (after every step on one process; at log and checkpoint steps under torchrun, where
+    the ranks agree in the all-reduce they do there anyway), saves and exits 128 + the number
+    (130, 138, 143), as a shell reports a process that signal killed. A second Ctrl-C interrupts
+    at once."""
+    stop = {"requested": 0}
 
     def request(signum, frame):
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, request)
+        stop["requested"] = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in STOP_SIGNALS:
+        signal.signal(s, request)
     return stop
+
+
+def stop_signal(counts):
+    """The signal to stop on, from how many ranks received each of STOP_SIGNALS: the highest-
+    numbered one any rank received (SIGTERM over SIGUSR1 over SIGINT), 0 for none."""
+    return max((s for s, n in zip(STOP_SIGNALS, counts) if n), default=0)
+
+
+def stop_all(sig, step, world, print0):
+    """After the checkpoint of `step`: every rank waits until rank 0 has written it (torchrun
+    stops the others once one has exited), then exits 128 + sig."""
+    if world > 1:
+        dist.barrier()
+    print0(f"interrupted: checkpoint saved at step {step}; continue with --resume "
+           f"({signal.Signals(sig).name}: exit {128 + sig})", flush=True)
+    raise SystemExit(128 + sig)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore STOP_SIGNALS: SLURM and a terminal signal every process of the
+    job, and a worker killed by one would take the main process down before it saved. The main
+    process ends its workers."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def make_out_dir(out):
+    """Creates --out and writes a probe file in it before training: an unwritable folder is a
+    one-line error now, not a failed checkpoint after hours of training."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out {out} is not writable ({e.strerror}); fix its permissions or choose another "
+             f"--out")
+
+
+def append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def write_or_warn(write, path, *args):
+    """write(path, *args) for a log line, figure or eval.json: if it fails (full disk, no
+    permission), one warning and training goes on; only a failed checkpoint stops the run."""
+    try:
+        write(path, *args)
+    except OSError as e:
+        print(f"warning: cannot write {path} ({e.strerror or e}); training goes on",
+              file=sys.stderr, flush=True)
 
 
 def sum_over_ranks(values, device, world):

@@ -33,11 +33,13 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+import zipfile
+from contextlib import nullcontext, suppress
 
 import cv2
 import numpy as np
@@ -493,31 +495,46 @@ def cmae_losses(online, pred, mask, q, k, cfg):
 # uint8 and are normalized on the device. All randomness of a sample (crop, flip, shift, colour,
 # mask) is seeded by (seed, epoch, image index): no worker count, rank count or resume changes it.
 
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet (MAE; official: the same x 255)
 
 
-def list_images(root):
-    """[(path, class index)] of an ImageFolder split root/<class>/<image>, sorted; class names."""
-    if not os.path.isdir(root):
-        fail(f"{root} does not exist; --data must be an ImageFolder root: train/<class>/<image>")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+def list_images(folder):
+    """[(path, class index)] of an ImageFolder split such as <--data>/train, in torchvision ImageFolder's order, and
+    the class names. A folder that cannot be one is a one-line error that names the fix."""
+    root, split = os.path.split(os.path.normpath(folder))
+    if not os.path.isdir(folder):
+        gone = f" ({root} does not exist)" if not os.path.isdir(root) else ""
+        fail(f"--data {root} has no {split}/ folder{gone}; pass an ImageFolder root holding {split}/<class>/<image>")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        fail(f"{folder} holds no images in class folders; put them in {folder}/<class>/<image> (ImageFolder layout)")
     samples = []
     for i, c in enumerate(classes):
-        for d, _, files in os.walk(os.path.join(root, c), followlinks=True):
-            samples += [(os.path.join(d, f), i) for f in files if f.lower().endswith(IMG_EXTS)]
-    if not samples:
-        fail(f"{root} holds no images ({' '.join(IMG_EXTS)}) in {root}/<class>/<image>")
-    return sorted(samples), classes
+        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(folder, c), followlinks=True))
+                 for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
+        if not found:
+            fail(f"class folder {folder}/{c} holds no images ({' '.join(IMG_EXTS)}); add some or remove it")
+        samples += [(p, i) for p in found]
+    return samples, classes
 
 
 def read_image(path):
-    """RGB uint8 (3, H, W), or None if the file cannot be decoded (PIL, as torchvision does)."""
+    """The image decoded to RGB (PIL), or None when the file is unreadable, truncated or no image."""
     try:
         with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-    except (OSError, ValueError):
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError):  # what PIL raises on such files
         return None
+
+
+def warn_unreadable(path, skipped):
+    """One warning per unreadable image and process, counted (each DataLoader worker keeps its own `skipped`
+    set); the caller takes the next image instead."""
+    if path not in skipped:
+        skipped.add(path)
+        print(f"warning: skipped unreadable image {path} ({len(skipped)} so far in this process); using the "
+              f"next one", flush=True)
 
 
 def colour_augmentation(size):
@@ -542,7 +559,7 @@ class ShiftedViews(torch.utils.data.Dataset):
     """(image index, epoch) -> online view, target view (3, S, S) uint8, mask noise (G,)."""
 
     def __init__(self, samples, cfg):
-        self.samples, self.cfg = samples, cfg
+        self.samples, self.cfg, self.skipped = samples, cfg, set()
         self.colour = colour_augmentation(cfg.img_size)
         self.n_blocks = (cfg.img_size // cfg.patch_size // cfg.mask_block) ** 2
 
@@ -555,6 +572,7 @@ class ShiftedViews(torch.utils.data.Dataset):
         img = read_image(self.samples[idx][0])
         if img is None:
             return None
+        img = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W) uint8
         cfg, C = self.cfg, self.cfg.crop_size
         # ONE RandomResizedCrop (bicubic) + ONE flip shared by both views (official pipeline_base)
         i, j, h, w = T.RandomResizedCrop.get_params(img, list(cfg.crop_scale), [3 / 4, 4 / 3])
@@ -575,8 +593,8 @@ class ShiftedViews(torch.utils.data.Dataset):
                 v = self.views(j)
             if v is not None:
                 return v["online"], v["target"], v["noise"]
-            print(f"warning: cannot decode {self.samples[j][0]}; using another image", flush=True)
-        raise RuntimeError("no image could be decoded")
+            warn_unreadable(self.samples[j][0], self.skipped)
+        raise RuntimeError(f"none of the {len(self.samples)} images under --data can be read; check the files")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -606,6 +624,16 @@ def data_root(cfg):
     return os.path.join(toydata.ensure_toy_data(), "images")
 
 
+def check_eval_data(cfg, root):
+    """--eval: evaluate.py's checks of train/ and val/ now, before training, not after it."""
+    if not cfg.eval:
+        return
+    if not os.path.isdir(os.path.join(root, "val")):
+        fail(f"--eval needs labelled images in {root}/val/<class>/<image>; add some or --no-eval")
+    import evaluate
+    evaluate.labelled_splits(root)
+
+
 def make_loader(cfg, rank, world, device, print0):
     """This rank's DataLoader of (online, target, noise) batches, and its EpochSampler."""
     root = data_root(cfg)
@@ -614,12 +642,12 @@ def make_loader(cfg, rank, world, device, print0):
     if sampler.batches == 0:
         fail(f"{len(samples)} images are fewer than one step needs ({world} x {cfg.batch_size}); "
              f"lower --batch-size")
-    if cfg.eval and not os.path.isdir(os.path.join(root, "val")):
-        fail(f"--eval needs labelled images in {root}/val/<class>/<image>; add some or --no-eval")
+    check_eval_data(cfg, root)
     loader = torch.utils.data.DataLoader(ShiftedViews(samples, cfg), cfg.batch_size,
                                          sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if cfg.workers else None)
+                                         prefetch_factor=4 if cfg.workers else None,
+                                         worker_init_fn=ignore_stop_signals)
     print0(f"data {root}/train: {len(samples)} images in {len(classes)} folders (labels unused), "
            f"{sampler.batches} steps per epoch of {world} x {cfg.batch_size} images")
     return loader, sampler
@@ -670,50 +698,131 @@ def param_groups(model, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint: one dict with everything to continue exactly, written atomically (temp file + rename)
+# Checkpoint: one dict with everything to continue exactly. Written to a temp file, flushed to the disk and
+# renamed; the one before stays as checkpoint.prev.pt, so a crash, a full disk or a damaged file at any moment
+# leaves a good checkpoint to --resume from.
 
+METHOD = "cmae"  # written into every checkpoint: --resume refuses one of another program
 SOURCE_SHA = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:12]
 ARCH_KEYS = ("model", "patch_size", "img_size", "decoder_depth", "decoder_dim", "decoder_heads",
              "feat_decoder_depth", "feat_decoder_dim", "feat_decoder_heads", "proj_hidden",
              "proj_dim")
+LAYOUT = {"method", "model", "optimizer", "scaler", "step", "config", "source_sha256", "rng"}  # what save writes
 
 
 def atomic_write_text(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """`text` to `path` through a temp file and a rename: never half a file, and no temp file left behind."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    finally:
+        with suppress(OSError):
+            os.remove(path + ".tmp")
+
+
+def previous(path):
+    """checkpoint.pt -> checkpoint.prev.pt, the checkpoint before the latest."""
+    return os.path.splitext(path)[0] + ".prev.pt"
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, cfg):
-    """model.state_dict() holds the online network (encoder., pixel_decoder., ...) AND the EMA
-    branch (target_encoder., target_projector.): one dict restores both."""
+    """model.state_dict() holds the online network (encoder., pixel_decoder., ...) AND the EMA branch
+    (target_encoder., target_projector.): one dict restores both. A write that fails (full disk, no permission,
+    read-only) leaves the checkpoints on disk as they were and stops the run, exit 1."""
     rng = dict(torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    state = dict(method="cmae", model=model.state_dict(), optimizer=optimizer.state_dict(),
+    state = dict(method=METHOD, model=model.state_dict(), optimizer=optimizer.state_dict(),
                  scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg),
                  source_sha256=SOURCE_SHA, rng=rng)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename makes it the checkpoint
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        with suppress(OSError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(tmp) or ".").free
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"write failed, {free >> 20} MiB free"
+        print(f"error: cannot write the checkpoint of step {step} to {tmp} ({why}); the checkpoints in "
+              f"{os.path.dirname(tmp)} are as they were: free space or fix permissions, then --resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    if os.path.exists(path):
+        os.replace(path, previous(path))
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """-> (the dict save_checkpoint wrote, None), or (None, what is wrong with the file). torch.load does not check
+    the CRC-32 that torch.save writes for every record (a flipped byte in a tensor loads silently): zipfile does."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # the first record whose bytes do not match their CRC-32
+        if bad:
+            return None, f"corrupted (record {bad} fails its CRC-32)"
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except zipfile.BadZipFile:
+        return None, "truncated, or not a torch.save file"
+    except Exception as e:  # whatever zipfile or the unpickler raise on bytes that are no checkpoint
+        return None, f"unreadable ({type(e).__name__})"
+
+
+def resume_state(path):
+    """(state, its path) for --resume: `path`, or when that is missing or damaged the previous checkpoint, with a
+    line that says so (the damaged file is kept aside as <path>.damaged). Neither readable: a one-line error."""
+    state, why = read_checkpoint(path) if os.path.exists(path) else (None, "missing")
+    if state is not None:
+        return state, path
+    prev = previous(path)
+    state, why_prev = read_checkpoint(prev) if os.path.exists(prev) else (None, "missing")
+    if state is None:
+        fail(f"{path} is {why} and {prev} is {why_prev}: nothing to resume; start again without --resume "
+             f"in another --out")
+    if os.path.exists(path) and int(os.environ.get("RANK", 0)) == 0:
+        os.replace(path, path + ".damaged")  # else the next save would rotate it over the good one
+    print(f"warning: {path} is {why}; resuming from the previous checkpoint {prev}", flush=True)
+    return state, prev
+
+
+def check_checkpoint(state, path, cfg):
+    """A checkpoint of another program, another layout (another version of this file) or another architecture is
+    a one-line error that names the fix."""
+    if not isinstance(state, dict) or "method" not in state:
+        fail(f"{path} is no checkpoint of {METHOD}.py (it has no 'method' entry); --resume needs one that "
+             f"{METHOD}.py wrote: choose another --out")
+    if state["method"] != METHOD:
+        fail(f"{path} is a checkpoint of {state['method']}.py, not {METHOD}.py; resume it with "
+             f"{state['method']}.py, or choose another --out")
+    if set(state) != LAYOUT:
+        fail(f"{path} has another layout (missing {sorted(LAYOUT - set(state))}, unknown "
+             f"{sorted(set(state) - LAYOUT)}): another version of {METHOD}.py wrote it; resume it with that "
+             f"version, or choose another --out")
+    theirs, ours = state["config"], dataclasses.asdict(cfg)
+    diff = [f"{k}={theirs.get(k)} (you: {ours[k]})" for k in ARCH_KEYS if theirs.get(k) != ours[k]]
+    if diff:
+        fail(f"{path} is a checkpoint of another architecture: {', '.join(diff)}; pass the same flags or "
+             f"another --out")
 
 
 def load_checkpoint(path, model, optimizer, scaler, cfg):
-    """Restores everything; returns the step to continue from. Refuses another architecture."""
-    if not os.path.exists(path):
-        fail(f"--resume but there is no checkpoint at {path}; drop --resume or fix --out")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    theirs = state.get("config", {})
-    diff = [f"{k}={theirs.get(k)} (you: {getattr(cfg, k)})" for k in ARCH_KEYS
-            if theirs.get(k) != getattr(cfg, k)]
-    if state.get("method") != "cmae" or diff:
-        fail(f"{path} is a checkpoint of another architecture: "
-             f"{', '.join(diff) or state.get('method')}; pass the same flags or another --out")
-    model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
+    """Restores everything from `path` (or the previous checkpoint, see resume_state); returns the step to
+    continue from and the file it came from."""
+    state, path = resume_state(path)
+    check_checkpoint(state, path, cfg)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # tensors of other names, shapes or groups
+        fail(f"{path} does not fit this {METHOD}.py ({str(e).strip().splitlines()[0][:80]}); resume it with "
+             f"the version that wrote it (source sha256 {state['source_sha256']}), or choose another --out")
     if torch.cuda.is_available() and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    return state["step"], path
 
 
 # -----------------------------------------------------------------------------
@@ -744,11 +853,14 @@ def main(argv=None):
            f"gradient) | mask {cfg.mask} in {cfg.mask_block}x{cfg.mask_block} blocks")
     if cfg.bench:
         return bench(cfg, model, device, ctx, dtype)
-    os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    if os.path.exists(ckpt_path) and not cfg.resume:
-        fail(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
-    loader, sampler = make_loader(cfg, rank, world, device, print0)
+    found = [p for p in (ckpt_path, previous(ckpt_path)) if os.path.exists(p)]
+    if found and not cfg.resume:
+        fail(f"{found[0]} exists; pass --resume to continue that run, or choose another --out")
+    if cfg.resume and not found:
+        fail(f"--resume but there is no checkpoint at {ckpt_path}; drop --resume or fix --out")
+    loader, sampler = make_loader(cfg, rank, world, device, print0)  # checks --data before --out is made
+    make_out_dir(cfg.out)
 
     # optimizer and schedules (official config)
     groups = param_groups(model, cfg.weight_decay)
@@ -766,9 +878,9 @@ def main(argv=None):
            f"base lr {cfg.blr:.2e} -> lr {peak_lr:.2e} | {total} steps, {warmup} warm-up | weight "
            f"decay on {n_decay / 1e6:.2f}M params, off on {n_no_decay / 1e3:.1f}K | "
            f"λ_c = {cfg.ct_weight * 2 * cfg.temperature:.3f}")
-    step = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg) if cfg.resume else 0
+    step, resumed = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg) if cfg.resume else (0, None)
     if cfg.resume:
-        print0(f"resumed from {ckpt_path} at step {step}")
+        print0(f"resumed from {resumed} at step {step}")
     print0("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     raw_model = model
     evals = dict(before=None)  # --eval: evaluate.py at step 0 and after the last step, in eval.json
@@ -781,7 +893,7 @@ def main(argv=None):
     if dist.is_initialized():  # under torchrun, also with one process (the 1-GPU test of NCCL DDP)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         print0(f"DDP: {world} process(es), {dist.get_backend()} all-reduce of the gradients")
-    stop = stop_on_sigint()  # Ctrl-C: checkpoint at the next check step, exit 130
+    stop = stop_on_signals()  # Ctrl-C, SIGTERM, SIGUSR1: checkpoint at the next check step, exit 128 + signal
 
     interval, n_interval = torch.zeros(3, device=device), 0  # Σ (L, L_r, L_c) since the last log
     t_last, t_data, last_ckpt = time.perf_counter(), 0.0, "none yet"
@@ -815,11 +927,13 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             ema_update(raw_model.target_parameters(), raw_model.online_parameters(), m)
             step, n_interval = step + 1, n_interval + 1
-            # 5) check steps only (one host sync): NaN guard, log, checkpoint, stop on Ctrl-C
+            # 5) check steps only (one host sync): NaN guard, log, checkpoint, stop on a signal
             logs = step % cfg.log_every == 0 or step == total
             saves = step % cfg.ckpt_every == 0 or step == total
             if logs or saves or (world == 1 and stop["requested"]):
-                *sums, stopping = sum_over_ranks([*interval, stop["requested"]], device, world)
+                got = [stop["requested"] == s for s in STOP_SIGNALS]  # one-hot: the signal this rank received
+                sums = sum_over_ranks([*interval, *got], device, world)  # 3 + 3 floats
+                sums, sig = sums[:-len(got)], stop_signal(sums[-len(got):])  # every rank: the same signal, step
                 loss_val, rc, ct = (s / (world * n_interval) for s in sums)  # mean of steps, ranks
                 if not math.isfinite(loss_val):
                     print0(f"error: loss is {loss_val} at step {step}; lower --blr or use --dtype "
@@ -836,11 +950,10 @@ def main(argv=None):
                                   loss_rc=rc, loss_ct=ct, lr=lr, momentum=m, ms_per_step=ms,
                                   img_per_s=rate)
                     if rank == 0:
-                        with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                            f.write(json.dumps(record) + "\n")
+                        write_or_warn(append_line, os.path.join(cfg.out, "log.jsonl"), json.dumps(record))
                     t_last, t_data, n_interval = time.perf_counter(), 0.0, 0
                     interval.zero_()
-                if saves or stopping:
+                if saves or sig:
                     if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():
                         print0(f"error: non-finite parameters at step {step}; lower --blr or use "
                                f"--dtype fp32 (last good checkpoint: {last_ckpt})", file=sys.stderr)
@@ -848,16 +961,15 @@ def main(argv=None):
                     if rank == 0:
                         save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
                     last_ckpt = f"{ckpt_path} at step {step}"
-                if stopping:
-                    print0(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-                    raise SystemExit(130)
+                if sig:
+                    stop_all(sig, step, world, print0)
             if rank == 0 and (step % cfg.fig_every == 0 or step == total):
                 path = os.path.join(cfg.out, f"recon_{step:06d}.png")
-                reconstruction_figure(path, online, target, pred, mask, cfg.patch_size)
+                write_or_warn(reconstruction_figure, path, online, target, pred, mask, cfg.patch_size)
     print0(f"done: {step} steps; checkpoint {ckpt_path}")
     if cfg.eval and rank == 0:
         evals["after"] = evaluate_encoder(raw_model, cfg, device, step)
-        atomic_write_text(os.path.join(cfg.out, "eval.json"), json.dumps(evals, indent=1))
+        write_or_warn(atomic_write_text, os.path.join(cfg.out, "eval.json"), json.dumps(evals, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
     return raw_model
@@ -972,16 +1084,80 @@ def setup_device(cfg):
     return device, ctx, dtype, rank, world, print0
 
 
-def stop_on_sigint():
-    """Ctrl-C sets a flag that the train loop reads at its next check (it then saves and exits 130); a second
-    Ctrl-C interrupts at once."""
-    stop = {"requested": False}
+# Ctrl-C; the early warning of `#SBATCH --signal=USR1@120`; what SLURM, Kubernetes, `docker stop`
+# and torchrun stop a job with (SIGKILL follows after a grace period: SLURM's KillWait and
+# Kubernetes' default are 30 s, docker's 10 s)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
+
+
+def stop_on_signals():
+    """Each of STOP_SIGNALS sets stop["requested"] to its number. The train loop reads it at its
+    next check (after every step on one process; at log and checkpoint steps under torchrun, where
+    the ranks agree in the all-reduce they do there anyway), saves and exits 128 + the number
+    (130, 138, 143), as a shell reports a process that signal killed. A second Ctrl-C interrupts
+    at once."""
+    stop = {"requested": 0}
 
     def request(signum, frame):
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, request)
+        stop["requested"] = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in STOP_SIGNALS:
+        signal.signal(s, request)
     return stop
+
+
+def stop_signal(counts):
+    """The signal to stop on, from how many ranks received each of STOP_SIGNALS: the highest-
+    numbered one any rank received (SIGTERM over SIGUSR1 over SIGINT), 0 for none."""
+    return max((s for s, n in zip(STOP_SIGNALS, counts) if n), default=0)
+
+
+def stop_all(sig, step, world, print0):
+    """After the checkpoint of `step`: every rank waits until rank 0 has written it (torchrun
+    stops the others once one has exited), then exits 128 + sig."""
+    if world > 1:
+        dist.barrier()
+    print0(f"interrupted: checkpoint saved at step {step}; continue with --resume "
+           f"({signal.Signals(sig).name}: exit {128 + sig})", flush=True)
+    raise SystemExit(128 + sig)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore STOP_SIGNALS: SLURM and a terminal signal every process of the
+    job, and a worker killed by one would take the main process down before it saved. The main
+    process ends its workers."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def make_out_dir(out):
+    """Creates --out and writes a probe file in it before training: an unwritable folder is a
+    one-line error now, not a failed checkpoint after hours of training."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out {out} is not writable ({e.strerror}); fix its permissions or choose another "
+             f"--out")
+
+
+def append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def write_or_warn(write, path, *args):
+    """write(path, *args) for a log line, figure or eval.json: if it fails (full disk, no
+    permission), one warning and training goes on; only a failed checkpoint stops the run."""
+    try:
+        write(path, *args)
+    except OSError as e:
+        print(f"warning: cannot write {path} ({e.strerror or e}); training goes on",
+              file=sys.stderr, flush=True)
 
 
 def sum_over_ranks(values, device, world):
@@ -997,7 +1173,10 @@ def write_grid(path, grid):
     """grid (rows, cols, 3, S, S) uint8 -> one PNG, written atomically."""
     b, c, _, S, _ = grid.shape
     img = grid.permute(0, 3, 1, 4, 2).reshape(b * S, c * S, 3).numpy()  # (rows·S, cols·S, 3)
-    cv2.imwrite(path + ".tmp.png", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR))
+    if not cv2.imwrite(path + ".tmp.png", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR)):
+        with suppress(OSError):
+            os.remove(path + ".tmp.png")
+        raise OSError(f"cv2.imwrite failed on {path}.tmp.png")
     os.replace(path + ".tmp.png", path)
 
 

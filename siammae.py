@@ -100,7 +100,8 @@ class Config:
     # machine
     workers: int = 8             # DataLoader processes decoding video, per process (0: in this one)
     device: str = "auto"         # auto (cuda if visible, else cpu) | cuda | cpu
-    dtype: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    dtype: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU; --preset toy: bf16 on a
+                                 # CPU with native bf16) | bf16 | fp16 | fp32
     compile: bool = False        # torch.compile the model (CUDA: faster after a minute compiling)
     seed: int = 0                # seeds the init and every sample (frames, crop, flip, f2's mask)
     resume: bool = False         # continue from <out>/checkpoint.pt, with the same architecture
@@ -113,10 +114,19 @@ class Config:
     ckpt_every: int = 500        # steps between checkpoints (and one at the end and on Ctrl-C)
 
 
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (Linux /proc/cpuinfo: avx512_bf16 or amx_bf16)."""
+    try:
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", open("/proc/cpuinfo").read()))
+    except OSError:
+        return False
+
+
 PRESETS = {  # small settings so that `python siammae.py` is a ~2 minute demo on a laptop CPU
     "toy": dict(model="vit_tiny", patch_size=8, img_size=64, decoder_depth=4, decoder_dim=256,
                 decoder_heads=8, batch_size=32, epochs=110, warmup_epochs=10, blr=5e-3, workers=2,
-                log_every=10, fig_every=100, ckpt_every=100),
+                log_every=10, fig_every=100, ckpt_every=100,
+                dtype="bf16" if cpu_has_bf16() else "auto"),  # bf16 autocast where native: README
 }
 
 VIT = {  # width / depth / heads as timm's vision_transformer.py; encoder params at 224 px, patch 16

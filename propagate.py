@@ -35,7 +35,8 @@ random ViT-T/16 saved as a DINO checkpoint, DINO's script (on CPU) and `--protoc
 60 toy-DAVIS PNGs bit-identical at 480p, and davis2017-evaluation gives the same J&F (0.884) and
 byte-identical CSVs. (At other sizes a near-tied top-k choice can flip with the summation order.)
 2026-12-01: CropMAE's src/test.py + convert_davis.py with the same random ViT-S/16 and `--protocol crw
---batch 5` write 60 of 60 toy-DAVIS PNGs identical at 480x880 (0 pixels differ).
+--batch 5` write 60 of 60 toy-DAVIS PNGs identical at 480x880 (0 pixels differ); toy VIP (ViT-T/16, 880x640)
+30 of 30 frames identical; toy JHMDB the same PCK (26.869 / 56.364), 3 of 540 keypoints off by a top-5 tie.
 Speed on 2 idle cores (`--bench`): propagation 0.22 s/frame at 480p (grid 30x52, queue 20, radius
 20, top-k 7; DINO's label_propagation ~0.7 s, plus 5.7 s per video to build its mask, ours 0.01 s);
 the whole run = ViT-S/16 forward (0.73 s/frame) + 0.16 s/frame; J and F of one 480x854 object-frame

@@ -1274,6 +1274,241 @@ def test_propagate_a_short_siammae_run_propagates_no_worse_than_random(toy_video
     assert scores["trained"] >= scores["random"], scores
 
 
+# -----------------------------------------------------------------------------
+# The CRW step on hand-made features
+
+def crw_context(feats0, label0, queue):
+    """frame 0 (w, h, D), (w, h, C) -> Context as --protocol crw builds it."""
+    return P.Context(feats0, label0, queue, prefill=P.CRW.prefill, frame0_global=P.CRW.frame0_global)
+
+
+def test_propagate_crw_step_by_hand():
+    # a 1 x 4 grid, 2-d unit features; frame 0 = (1, 0) | (0, 1) | (-1, 0) | (0.6, 0.8), labels A A B B
+    f0 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])[:, None]  # (w=4, h=1, D=2)
+    lab0 = F.one_hot(torch.tensor([0, 0, 1, 1]), 2).float()[:, None]  # (w, h, C=2)
+    ctx = crw_context(f0, lab0, queue=2)
+    feats, labels = ctx.frames()
+    assert feats.shape == (4, 2, 1, 2) and torch.equal(feats, f0[:, None].expand(-1, 2, -1, -1))  # prefilled
+    assert torch.equal(ctx.global_slot[0], f0.reshape(4, 2))  # frame 0 once more, outside the window
+    target = torch.tensor([[1.0, 0.0]]).repeat(4, 1)[:, None]  # every target patch = (1, 0): (w, h, D)
+    bands = P.neighbourhood_bands(1, 4, 2, "cpu", band=1, disc=True)  # disc r = 2: |Δcol| <= 1
+    soft = P.propagate_step(target, feats, labels, bands, 3, 0.7, softmax=True, global_slot=ctx.global_slot)
+    # column 3: global frame 0 gives cos 1 (col 0, A), 0, -1, 0.6 (col 3, B); the 2 windowed copies give cols 2, 3:
+    # -1, 0.6, -1, 0.6. Exactly the top 3: 1 (global, A), 0.6 (global, B), 0.6 (a copy, B) -- the second copy's 0.6,
+    # tied with the third, is cut. If frame 0 were windowed too (DINO), col 0 could not reach col 3: label B only.
+    e1, e6 = np.exp(1 / 0.7), np.exp(0.6 / 0.7)
+    np.testing.assert_allclose(soft[3, 0].numpy(), [e1 / (e1 + 2 * e6), 2 * e6 / (e1 + 2 * e6)], rtol=1e-6)
+    # column 0: global col 0 (1, A) and the copies' col 0 twice (1, A): all A
+    np.testing.assert_allclose(soft[0, 0].numpy(), [1.0, 0.0])
+    # DINO's weighting of the same logits keeps the tie: 1, 0.6, 0.6, 0.6 with exp(cos / 0.7) normalised
+    dino = P.propagate_step(target, feats, labels, bands, 3, 0.7, global_slot=ctx.global_slot)
+    np.testing.assert_allclose(dino[3, 0].numpy(), [e1 / (e1 + 3 * e6), 3 * e6 / (e1 + 3 * e6)], rtol=1e-6)
+
+
+def test_propagate_crw_queue_is_clip_context():
+    """The slots Context holds = CRW's context_index_bank: target t (1-based) sees clip entries t .. t+Q-1 of a
+    clip made of Q copies of frame 0 then frames 0, 1, ...; entries < Q and entry Q are frame 0."""
+    Q = 3
+    ctx = crw_context(torch.zeros(2, 1, 1), torch.zeros(2, 1, 1), Q)
+    for t in range(1, 7):
+        clip = [0] * Q + list(range(t + Q))
+        assert sorted(ctx.frame_of) == sorted(clip[t + i] for i in range(Q)), t
+        ctx.push(torch.full((2, 1, 1), float(t)), torch.zeros(2, 1, 1), t)
+        assert sorted(ctx.frames()[0][0, :, 0, 0].tolist()) == sorted(float(f) for f in ctx.frame_of)
+
+
+def test_propagate_disc_and_square_by_hand():
+    h = w = 9
+    centre = 4 * w + 4
+    counts = {(r, disc): int(P.local_window(h, w, r, disc)[centre].sum()) for r in (2, 3, 4) for disc in (0, 1)}
+    # square: (2r + 1)²; disc: integer points with x² + y² < r² (r = 4: 7 + 2·7 + 2·7 + 2·5 = 45)
+    assert counts == {(2, 0): 25, (2, 1): 9, (3, 0): 49, (3, 1): 25, (4, 0): 81, (4, 1): 45}
+    window = P.local_window(h, w, 4, disc=True).view(h, w, h, w)
+    assert window[4, 4, 4, 7] and not window[4, 4, 4, 8] and not window[4, 4, 7, 7] and window[4, 4, 7, 6]
+    full = torch.zeros(w, h, w, h, dtype=torch.bool)  # the bands hold the same disc
+    for c0, c1, s0, s1, forbidden in P.neighbourhood_bands(h, w, 4, "cpu", band=2, disc=True):
+        full[c0:c1, :, s0:s1, :] = (~forbidden).view(c1 - c0, h, s1 - s0, h)
+    assert torch.equal(full.permute(1, 0, 3, 2), window)
+    assert P.local_window(h, w, 0, disc=True).all()  # radius 0: the whole frame, as for DINO
+
+
+def test_propagate_softmax_topk_takes_exactly_k():
+    logits = torch.tensor([[0.9, 0.5, 0.5, 0.1, 0.5, -float("inf")]])
+    weights, ids = P.softmax_topk(logits, 2, 0.1)
+    assert ids.shape == (1, 2) and ids[0, 0] == 0 and int(ids[0, 1]) in (1, 2, 4)  # one of the tied 0.5's
+    np.testing.assert_allclose(weights[0].numpy(), [1 / (1 + np.exp(-4)), np.exp(-4) / (1 + np.exp(-4))], rtol=1e-6)
+
+
+def test_propagate_crw_labels_bilinear_down_and_up():
+    ann = np.zeros((32, 64), np.uint8)
+    ann[8:24, 8:40] = 3  # an object of id 3 (ids 1, 2 absent: CRW has no channel for them)
+    ann[0, 0] = 255  # CRW keeps any colour present, 255 too
+    path = "/tmp/p12_first.png"
+    P.save_indexed_png(path, ann)
+    _, onehot, ids = P.first_label(path, (2, 4), fed=(32, 64))
+    assert ids.tolist() == [0, 3, 255] and onehot.shape == (2, 4, 3)
+    # x16 bilinear = the mean of each patch's 2x2 centre pixels (rows 7-8 / 23-24, cols 7-8, 23-24, ...)
+    big = (ann[:, :, None] == ids).astype(np.float32)
+    centre = big.reshape(2, 16, 4, 16, 3)[:, 7:9, :, 7:9].mean(axis=(1, 3))
+    np.testing.assert_allclose(onehot.numpy(), centre)
+    soft = torch.tensor([[[0.6, 0.2], [0.1, 0.1]], [[0.4, 0.8], [0.9, 0.9]], [[0, 0], [0, 0]]])  # (C=3, h=2, w=2)
+    lab = P.crw_labels_to_pixels(soft, ids, (32, 32), (32, 32), pil=False)
+    up = cv2.resize(soft.permute(1, 2, 0).numpy(), (32, 32))  # cv2 bilinear, no min-max
+    assert np.array_equal(lab, ids[up.argmax(-1)])
+
+
+def test_propagate_crw_heatmaps_trunc_window_and_background():
+    # 10 x 10 cells of 16 px (160 px frames fed as they are); x = 5.3 cells, y = 1.0 cell
+    heat = P.crw_heatmaps(np.array([[5.3 * 16, 1.0 * 16]]), (160, 160), (160, 160), 16, 0.5)  # (h, w, 1 + J)
+    g = np.exp(-np.arange(-2, 2) ** 2 / 0.5)  # e^-8, e^-2, 1, e^-2 over the 4-cell window
+    cols = np.zeros(10)
+    cols[3:7] = g  # trunc(5.3 - 1.5) = 3: the peak on cell 5 (rounded)
+    rows = np.zeros(10)
+    rows[0:3] = g[:3]  # trunc(1.0 - 1.5) = trunc(-0.5) = 0 (not floor's -1), up to trunc(3.5) = 3: peak on cell 2
+    np.testing.assert_allclose(heat[..., 1].numpy(), rows[:, None] * cols, rtol=1e-6)
+    assert torch.equal(heat[..., 0], (heat[..., 1] == 0).float())  # background where no joint reaches
+    kp = P.heatmap_keypoints(heat[..., 1:].permute(2, 0, 1), 1, (160, 160), (160, 160), 16, corners=True)
+    assert kp.tolist() == [[5 * 16, 2 * 16]]  # argmax cell (5, 2), x = cell · 16 (corners, as eval_pck.py)
+
+
+def test_propagate_crw_pck_edge_cases():
+    gt = np.array([[[10.0, 10.0], [20.0, 30.0], [40.0, 10.0]]])  # (N=1, J=3, 2)
+    one = np.array([[[11.0, 10.0], [np.nan, np.nan], [np.nan, np.nan]]])  # one visible joint: box 0
+    assert np.isnan(P.normalized_distances(one, gt)).all()  # ours: not scored
+    d = P.normalized_distances(one, gt, crw=True)  # eval_pck.py: 1 / 0 = inf, a miss that counts
+    assert d[0, 0] == np.inf and np.isnan(d[0, 1:]).all()
+    per, _ = P.pck(d, 0.5)
+    assert per[0] == 0 and np.isnan(per[1:]).all()  # scored once, missed; the others never scored: NaN, left out
+    neg = np.array([[[-2.0, 10.0], [20.0, 30.0], [40.0, 12.0]]])  # a predicted x < 0 is lost for eval_pck.py
+    ours, crw = P.normalized_distances(neg, gt), P.normalized_distances(neg, gt, crw=True)
+    assert np.isfinite(ours).all() and np.isnan(crw[0, 0]) and np.isfinite(crw[0, 1:]).all()
+    box = 0.6 * np.hypot(40 - 20, 30 - 10)  # joints 1, 2 only
+    np.testing.assert_allclose(crw[0, 1:], [0, 2 / box])
+
+
+# -----------------------------------------------------------------------------
+# End to end on the toy sets
+
+class Counting(P.PixelFeatures):
+    frames = 0
+
+    def features(self, x):
+        Counting.frames += len(x)
+        return super().features(x)
+
+
+def test_propagate_crw_and_dino_differ_on_toy_davis_and_copies_are_not_forwarded(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "PixelFeatures", Counting)
+    out = {}
+    for proto in ("siammae", "crw"):
+        Counting.frames = 0
+        rows = P.main(["--ckpt", "pixels", "--protocol", proto, "--frame-size", "160x288", "--out", str(tmp_path / proto),
+                       "--explain"])
+        assert rows and Counting.frames == 60  # 3 toy videos, 60 frames: CRW's 20 copies of frame 0 are not forwarded
+        out[proto] = {os.path.join(d, f): np.array(Image.open(os.path.join(tmp_path / proto, d, f)))
+                      for d in ("toy-pan", "toy-cross", "toy-crowd") for f in os.listdir(tmp_path / proto / d)}
+        assert os.path.isfile(tmp_path / proto / "explain" / "toy-cross.png")
+    assert out["siammae"].keys() == out["crw"].keys() and len(out["crw"]) == 60
+    differing = sum(int((out["crw"][k] != out["siammae"][k]).sum()) for k in out["crw"])
+    assert differing > 100  # other choices, other masks (not a stray pixel)
+
+
+def eval_vip_miou(pred_dir, gt_dir):
+    """CropMAE eval_vip.py's init_path + compute_hist + show_result, transcribed: <frame>_mask.png's GT is
+    <frame>.png; cv2.imread of each prediction, its last channel (R), one 20 x 20 histogram, nanmean IoU as a
+    fraction. Predictions without a GT file are skipped (the toy set annotates every other frame)."""
+    hist = np.zeros((20, 20))
+    for vid in os.listdir(pred_dir):
+        for name in os.listdir(os.path.join(pred_dir, vid)):
+            assert name.endswith("_mask.png")
+            gpath = os.path.join(gt_dir, vid, name.split("_")[0] + ".png")
+            if not os.path.isfile(gpath):
+                continue
+            label = np.array(Image.open(gpath), dtype=np.int32)
+            image = np.array(cv2.imread(os.path.join(pred_dir, vid, name)), dtype=np.int32)[..., -1]
+            assert image.max() <= 20 and image.shape == label.shape
+            k = (label >= 0) & (label < 20)
+            hist += np.bincount(20 * label[k] + image[k], minlength=400).reshape(20, 20)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nanmean(np.diag(hist) / (hist.sum(1) + hist.sum(0) - np.diag(hist)))
+
+
+def test_propagate_crw_vip_ids_are_what_eval_vip_reads(toy_jhmdb_vip, tmp_path, capsys):
+    root, out = str(toy_jhmdb_vip / "VIP"), tmp_path / "v"
+    res = P.main(["--task", "vip", "--ckpt", "pixels", "--vip", root, "--out", str(out), "--protocol", "crw",
+                  "--frame-size", "320"])
+    assert "mIoU 0." in capsys.readouterr().out  # the fraction too
+    for v in ["videos1", "videos2", "videos3"]:
+        for png in os.listdir(out / v):
+            grey = cv2.imread(str(out / "ids" / v / png.replace(".png", "_mask.png")), cv2.IMREAD_UNCHANGED)
+            assert grey.ndim == 2 and np.array_equal(grey, np.array(Image.open(out / v / png)))
+    assert res["mIoU"] == pytest.approx(100 * eval_vip_miou(out / "ids", os.path.join(root, "Annotations", "Category_ids")))
+
+
+def eval_pck(filelist, src, feat_res, alpha):
+    """CRW eval_pck.py's main, transcribed for one threshold: <i>.dat read back, x / feat_res[0] · width,
+    visibility = x >= 0, box 0.6 x diagonal from 1e6 / -1, frames 1.., per-joint PCK then their mean."""
+    from scipy.io import loadmat
+    dist = {j: [] for j in range(15)}
+    for i, line in enumerate(open(filelist)):
+        mat, frames = line.split()
+        gt = loadmat(mat)["pos_img"] - 1
+        H, W = cv2.imread(frames + "/00001.png").shape[:2]
+        pred = np.load(os.path.join(src, f"{i}.dat"), allow_pickle=True).astype(np.float64)
+        vis = pred[0] >= 0
+        pred[0], pred[1] = pred[0] / feat_res[0] * W, pred[1] / feat_res[1] * H
+        for k in range(1, gt.shape[2]):
+            js = [j for j in range(15) if vis[j, k]]
+            if not js:
+                continue
+            lo = np.minimum([1e6, 1e6], gt[:, js, k].min(axis=1))
+            hi = np.maximum([-1, -1], gt[:, js, k].max(axis=1))
+            box = 0.6 * np.linalg.norm(hi - lo)
+            for j in js:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    dist[j].append(np.linalg.norm(pred[:, j, k] - gt[:, j, k]) / box)
+    return np.mean([100.0 * np.sum(np.array(d) <= alpha) / len(d) for d in dist.values()])
+
+
+def test_propagate_crw_jhmdb_dat_is_what_eval_pck_reads(toy_jhmdb_vip, tmp_path):
+    root, out = str(toy_jhmdb_vip / "JHMDB"), tmp_path / "j"
+    res = P.main(["--task", "jhmdb", "--ckpt", "pixels", "--jhmdb", root, "--out", str(out), "--protocol", "crw"])
+    lines = open(out / "vallist.txt").read().split("\n")[:-1]
+    videos = [line.split()[1].split("Rename_Images/")[1] for line in lines]
+    assert len(videos) == 3 and all(os.path.isfile(line.split()[0]) for line in lines)
+    for i, v in enumerate(videos):
+        cells = np.load(out / f"{i}.dat", allow_pickle=True)  # (2, 15, T) float32, grid cells of 320 x 320 / 16
+        xy = read_keypoints_csv(out / f"{v}.csv")  # (T, 15, 2) pixels of 320 x 240
+        assert cells.shape == (2, 15, len(xy)) and cells.dtype == np.float32
+        lost = np.isnan(xy[..., 0]).T  # (15, T)
+        assert (cells[:, lost] == -1).all()
+        np.testing.assert_allclose(cells[0][~lost], (xy[..., 0].T * 20 / 320)[~lost], atol=1e-3)
+        np.testing.assert_allclose(cells[1][~lost], (xy[..., 1].T * 20 / 240)[~lost], atol=1e-3)
+    for a in P.PCK_ALPHAS:  # our PCK with --crw-pck = eval_pck.py's on the files written
+        assert res[f"PCK@{a}"] == pytest.approx(eval_pck(out / "vallist.txt", out, (20, 20), a), abs=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+def test_propagate_crw_presets(capsys):
+    cfg = P.parse_config(["--davis", "D", "--protocol", "crw"])
+    assert (cfg.topk, cfg.queue, cfg.radius, cfg.temperature, cfg.frame_size, cfg.precision) == (7, 20, 20, 0.7,
+                                                                                                  "480x880", "fp32")
+    cfg = P.parse_config(["--task", "jhmdb", "--protocol", "crw"])
+    assert (cfg.frame_size, cfg.keypoint_topk, cfg.crw_files, cfg.crw_pck) == ("320x320", 5, True, True)
+    cfg = P.parse_config(["--task", "vip", "--protocol", "crw", "--no-crw-files"])
+    assert (cfg.topk, cfg.radius, cfg.frame_size, cfg.crw_files) == (10, 20, "880", False)
+    assert P.fed_size(240, 320, cfg) == (640, 880) and P.fed_size(480, 854, P.Config(frame_size="480x880")) == (480, 880)
+    assert P.fed_size(480, 854, P.Config()) == (480, 832)  # empty: DINO's short-side rule
+
+
+@pytest.mark.parametrize("size", ["480x", "abc", "480X880", "32x32", "0", "48"])
+def test_propagate_bad_frame_size(capsys, size):
+    err = run_main(["--ckpt", "pixels", "--protocol", "crw", "--frame-size", size], capsys)
+    assert "--frame-size" in err
+
+
 # =============================================================================
 # msn.py
 

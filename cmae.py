@@ -500,27 +500,32 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet (MAE; offic
 
 
 def list_images(folder):
-    """[(path, class index)] of an ImageFolder split such as <--data>/train, in torchvision ImageFolder's order, and
-    the class names. A folder that cannot be one is a one-line error that names the fix."""
+    """[(path, class index)] of an ImageFolder split such as <--data>/train, in torchvision
+    ImageFolder's order, and the class names. A folder that cannot be one is a one-line error that
+    names the fix."""
     root, split = os.path.split(os.path.normpath(folder))
     if not os.path.isdir(folder):
         gone = f" ({root} does not exist)" if not os.path.isdir(root) else ""
-        fail(f"--data {root} has no {split}/ folder{gone}; pass an ImageFolder root holding {split}/<class>/<image>")
+        fail(f"--data {root} has no {split}/ folder{gone}; pass an ImageFolder root holding "
+             f"{split}/<class>/<image>")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
-        fail(f"{folder} holds no images in class folders; put them in {folder}/<class>/<image> (ImageFolder layout)")
+        fail(f"{folder} holds no images in class folders; put them in {folder}/<class>/<image> "
+             f"(ImageFolder layout)")
     samples = []
     for i, c in enumerate(classes):
-        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(folder, c), followlinks=True))
-                 for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
+        walk = sorted(os.walk(os.path.join(folder, c), followlinks=True))
+        found = [os.path.join(d, f) for d, _, files in walk for f in sorted(files)
+                 if f.lower().endswith(IMG_EXTS)]
         if not found:
-            fail(f"class folder {folder}/{c} holds no images ({' '.join(IMG_EXTS)}); add some or remove it")
+            fail(f"class folder {folder}/{c} holds no images ({' '.join(IMG_EXTS)}); add some or "
+                 f"remove it")
         samples += [(p, i) for p in found]
     return samples, classes
 
 
 def read_image(path):
-    """The image decoded to RGB (PIL), or None when the file is unreadable, truncated or no image."""
+    """The image decoded to RGB (PIL), or None when the file is unreadable, truncated or none."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -529,12 +534,12 @@ def read_image(path):
 
 
 def warn_unreadable(path, skipped):
-    """One warning per unreadable image and process, counted (each DataLoader worker keeps its own `skipped`
-    set); the caller takes the next image instead."""
+    """One warning per unreadable image and process, counted (each DataLoader worker keeps its own
+    `skipped` set); the caller takes the next image instead."""
     if path not in skipped:
         skipped.add(path)
-        print(f"warning: skipped unreadable image {path} ({len(skipped)} so far in this process); using the "
-              f"next one", flush=True)
+        print(f"warning: skipped unreadable image {path} ({len(skipped)} so far in this process); "
+              f"using the next one", flush=True)
 
 
 def colour_augmentation(size):

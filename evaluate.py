@@ -54,27 +54,32 @@ SHOTS = (1, 2, 5)  # labelled images per class (MSN Table 1: 1, 2 and 5 images p
 # Images and features
 
 def list_images(folder):
-    """[(path, class index)] of an ImageFolder split such as <--data>/train, in torchvision ImageFolder's order, and
-    the class names. A folder that cannot be one is a one-line error that names the fix."""
+    """[(path, class index)] of an ImageFolder split such as <--data>/train, in torchvision
+    ImageFolder's order, and the class names. A folder that cannot be one is a one-line error that
+    names the fix."""
     root, split = os.path.split(os.path.normpath(folder))
     if not os.path.isdir(folder):
         gone = f" ({root} does not exist)" if not os.path.isdir(root) else ""
-        fail(f"--data {root} has no {split}/ folder{gone}; pass an ImageFolder root holding {split}/<class>/<image>")
+        fail(f"--data {root} has no {split}/ folder{gone}; pass an ImageFolder root holding "
+             f"{split}/<class>/<image>")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
-        fail(f"{folder} holds no images in class folders; put them in {folder}/<class>/<image> (ImageFolder layout)")
+        fail(f"{folder} holds no images in class folders; put them in {folder}/<class>/<image> "
+             f"(ImageFolder layout)")
     samples = []
     for i, c in enumerate(classes):
-        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(folder, c), followlinks=True))
-                 for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
+        walk = sorted(os.walk(os.path.join(folder, c), followlinks=True))
+        found = [os.path.join(d, f) for d, _, files in walk for f in sorted(files)
+                 if f.lower().endswith(IMG_EXTS)]
         if not found:
-            fail(f"class folder {folder}/{c} holds no images ({' '.join(IMG_EXTS)}); add some or remove it")
+            fail(f"class folder {folder}/{c} holds no images ({' '.join(IMG_EXTS)}); add some or "
+                 f"remove it")
         samples += [(p, i) for p in found]
     return samples, classes
 
 
 def read_image(path):
-    """The image decoded to RGB (PIL), or None when the file is unreadable, truncated or no image."""
+    """The image decoded to RGB (PIL), or None when the file is unreadable, truncated or none."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -83,25 +88,29 @@ def read_image(path):
 
 
 def labelled_splits(root):
-    """([(path, label)] of <root>/train, of <root>/val, the class names), checked: the same class folders in both.
-    The trainers call it at the start of an --eval run, so that a bad val/ stops them before training."""
-    (train, classes), (val, val_classes) = (list_images(os.path.join(root, s)) for s in ("train", "val"))
+    """([(path, label)] of <root>/train, of <root>/val, the class names), checked: the same class
+    folders in both. The trainers call it at the start of an --eval run: a bad val/ stops them
+    before training."""
+    (train, classes), (val, val_classes) = (list_images(os.path.join(root, s))
+                                            for s in ("train", "val"))
     if classes != val_classes:
         only = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-        fail(f"{root}/train and {root}/val have different class folders (only in train: {only[0][:3]}, only in "
-             f"val: {only[1][:3]}, in order: {classes[:3]} vs {val_classes[:3]}); they must list the same classes")
+        fail(f"{root}/train and {root}/val have different class folders (only in train: "
+             f"{only[0][:3]}, only in val: {only[1][:3]}, in order: {classes[:3]} vs "
+             f"{val_classes[:3]}); they must list the same classes")
     return train, val, classes
 
 
 class LabelledImages(torch.utils.data.Dataset):
-    """(path, label) samples -> (normalized image (3, S, S), label): short side to round(S·256/224), centre crop S.
-    An unreadable image gives zeros and label -1, for evaluate_vit to leave out and count."""
+    """(path, label) samples -> (normalized image (3, S, S), label): short side to
+    round(S·256/224), centre crop S. An unreadable image gives zeros and label -1, for evaluate_vit
+    to leave out and count."""
 
     def __init__(self, root, samples, classes, img_size):
         self.root, self.samples, self.classes, self.img_size = root, samples, classes, img_size
         self.targets = [y for _, y in samples]
-        self.transform = T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(),
-                                    T.Normalize(MEAN, STD)])
+        self.transform = T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size),
+                                    T.ToTensor(), T.Normalize(MEAN, STD)])
 
     def __len__(self):
         return len(self.samples)
@@ -134,12 +143,13 @@ def extract_features(vit, folder, device, workers=0, batch_size=64):
 
 
 def readable(x, y, folder, print0):
-    """Features and labels without the images LabelledImages could not read (label -1), with a counted warning."""
+    """Features and labels without the images LabelledImages could not read (label -1), with a
+    counted warning."""
     bad = y < 0
     if bad.any():
         first = folder.samples[int(bad.nonzero()[0])][0]
-        print0(f"warning: skipped {int(bad.sum())} unreadable images of {len(y)} in {folder.root} (the first: "
-               f"{first})", flush=True)
+        print0(f"warning: skipped {int(bad.sum())} unreadable images of {len(y)} in {folder.root} "
+               f"(the first: {first})", flush=True)
     return x[~bad], y[~bad]
 
 
@@ -225,7 +235,7 @@ def evaluate_vit(vit_state, img_size, root, device, desc, workers=0, seed=0, pri
     if not subsets and fewest < max(SHOTS):
         fail(f"{root}/train has a class with {fewest} images; few-shot needs at least {max(SHOTS)}")
     t0 = time.perf_counter()
-    tx_all, ty_all = extract_features(vit, train, device, workers)  # all rows, for the --subsets lists
+    tx_all, ty_all = extract_features(vit, train, device, workers)  # all rows, for --subsets
     tx, ty = readable(tx_all, ty_all, train, print0)
     vx, vy = readable(*extract_features(vit, val, device, workers), val, print0)
     res = dict(encoder=desc, arch=arch, img_size=img_size, data=root, n_train=len(ty),
@@ -241,7 +251,8 @@ def evaluate_vit(vit_state, img_size, root, device, desc, workers=0, seed=0, pri
     for path in subsets:
         pick = subset_draw(train, path)
         pick = pick[ty_all[pick] >= 0]  # an unreadable listed image is left out (and was counted)
-        res["subsets"][os.path.basename(path)] = logistic_top1(tx_all[pick], ty_all[pick], vx, vy, C, lambd)
+        acc = logistic_top1(tx_all[pick], ty_all[pick], vx, vy, C, lambd)
+        res["subsets"][os.path.basename(path)] = acc
     titles = ["k-NN top-1"] + [f"{n}-shot" for n in res["shots"]] + list(res["subsets"])
     cells = [f"{res['knn_top1']:10.1f}"] + [f"{s['mean']:5.1f} ± {s['std']:4.1f}"
                                             for s in res["shots"].values()]
@@ -251,8 +262,8 @@ def evaluate_vit(vit_state, img_size, root, device, desc, workers=0, seed=0, pri
     return res
 
 def make_out_dir(out):
-    """Creates --out and writes a probe file in it before the evaluation: an unwritable folder is a one-line error
-    now, not after the features of every image have been computed."""
+    """Creates --out and writes a probe file in it before the evaluation: an unwritable folder is a
+    one-line error now, not after the features of every image have been computed."""
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write_test_{os.getpid()}")
@@ -260,7 +271,8 @@ def make_out_dir(out):
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        fail(f"--out {out} is not writable ({e.strerror}); fix its permissions or choose another --out")
+        fail(f"--out {out} is not writable ({e.strerror}); fix its permissions or choose another "
+             f"--out")
 
 
 def main(argv=None):
@@ -312,7 +324,8 @@ def main(argv=None):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        fail(f"cannot write {path} ({e.strerror}); the results are printed above: free space or choose another --out")
+        fail(f"cannot write {path} ({e.strerror}); the results are printed above: free space or "
+             f"choose another --out")
     print(f"wrote {path}")
     return res
 

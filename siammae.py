@@ -28,12 +28,14 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import cv2
 import numpy as np
@@ -433,12 +435,6 @@ def probe_video(path):
         cap.release()
 
 
-def save_json(obj, path):
-    with open(path + ".tmp", "w") as f:  # temp file + rename: never half a file
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
-
-
 def index_videos(root, cache_path, min_frames, threads=8):
     """[(path, n_frames)] of the usable videos (or frame folders) under root, with at least
     min_frames (an int, or a function of the file's fps); the probes are cached in cache_path,
@@ -450,7 +446,6 @@ def index_videos(root, cache_path, min_frames, threads=8):
         print(f"probing {len(todo)} videos ({len(paths) - len(todo)} cached) ...", flush=True)
         with ThreadPoolExecutor(threads) as ex:
             cache.update(zip(todo, ex.map(probe_video, todo)))
-        save_json(cache, cache_path)
     need = min_frames if callable(min_frames) else lambda fps: min_frames
     videos = [(p, cache[p]["frames"]) for p in paths if cache[p]["frames"] >= need(cache[p]["fps"])]
     bad = sum(cache[p]["frames"] == 0 for p in paths)
@@ -460,6 +455,9 @@ def index_videos(root, cache_path, min_frames, threads=8):
     if not videos:
         fail(f"none of the {len(paths)} videos in {root} is readable with more frames than --gap's "
              f"MIN; check the files (ffprobe) or lower --gap")
+    if todo:  # --data is usable: only now is --out made, and the probes cached in it
+        make_out_dir(os.path.dirname(cache_path) or ".")
+        atomic_write_text(cache_path, json.dumps(cache))
     return videos
 
 
@@ -586,7 +584,7 @@ class VideoPairs(torch.utils.data.Dataset):
             cache = json.load(open(self.cache_path))
             for i in changed:
                 cache[self.paths[i]]["frames"] = int(self.frames[i])
-            save_json(cache, self.cache_path)
+            write_or_warn(atomic_write_text, self.cache_path, json.dumps(cache))
         failed = int(self.failed.sum())
         if failed > failed_before:
             print0(f"warning: {failed - failed_before} reads failed since the last report "
@@ -635,7 +633,7 @@ def make_loader(cfg, rank, world, device, print0):
     def min_frames(fps):  # a pair needs more frames than --gap's MIN, at the file's rate
         return gap_in_frames(cfg.gap, fps or cfg.frames_fps, cfg.gap_unit)[0] + 1
 
-    cache = os.path.join(cfg.out, "video_index.json")
+    cache = os.path.join(cfg.out, "video_index.json")  # index_videos makes --out once --data is checked
     if rank == 0:
         videos = index_videos(data, cache, min_frames, threads=max(cfg.workers, 4))
     if world > 1:
@@ -652,7 +650,7 @@ def make_loader(cfg, rank, world, device, print0):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=vpb, sampler=sampler, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
-        persistent_workers=cfg.workers > 0)
+        persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals)
     print0(f"data {data}: {len(videos)} videos, {sampler.batches} steps per epoch of {world} x "
            f"{cfg.batch_size} pairs")
     return loader, sampler
@@ -692,38 +690,129 @@ def param_groups(model, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint (one dict with everything to continue exactly, written to a temp file and renamed)
+# Checkpoint: one dict with everything to continue exactly. Written to a temp file, flushed to the disk and
+# renamed; the one before stays as checkpoint.prev.pt, so a crash, a full disk or a damaged file at any moment
+# leaves a good checkpoint to --resume from.
 
+METHOD = "siammae"  # written into every checkpoint: --resume refuses one of another program
 SOURCE_SHA = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:12]  # the code that ran
 ARCH_KEYS = ("model", "patch_size", "img_size", "encoder", "decoder", "decoder_depth",
              "decoder_dim", "decoder_heads")
+LAYOUT = {"method", "model", "optimizer", "scaler", "step", "config", "source_sha256", "rng"}  # what save writes
+
+
+def atomic_write_text(path, text):
+    """`text` to `path` through a temp file and a rename: never half a file, and no temp file left behind."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    finally:
+        with suppress(OSError):
+            os.remove(path + ".tmp")
+
+
+def previous(path):
+    """checkpoint.pt -> checkpoint.prev.pt, the checkpoint before the latest."""
+    return os.path.splitext(path)[0] + ".prev.pt"
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, cfg):
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    state = dict(method="siammae", model=model.state_dict(), optimizer=optimizer.state_dict(),
+    """model = the whole SiamMAE module: encoder and decoder. A write that fails (full disk, no permission,
+    read-only) leaves the checkpoints on disk as they were and stops the run, exit 1."""
+    rng = dict(torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    state = dict(method=METHOD, model=model.state_dict(), optimizer=optimizer.state_dict(),
                  scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg),
-                 source_sha256=SOURCE_SHA, rng=dict(torch=torch.get_rng_state(), cuda=cuda_rng))
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+                 source_sha256=SOURCE_SHA, rng=rng)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename makes it the checkpoint
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        with suppress(OSError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(tmp) or ".").free
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"write failed, {free >> 20} MiB free"
+        print(f"error: cannot write the checkpoint of step {step} to {tmp} ({why}); the checkpoints in "
+              f"{os.path.dirname(tmp)} are as they were: free space or fix permissions, then --resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    if os.path.exists(path):
+        os.replace(path, previous(path))
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """-> (the dict save_checkpoint wrote, None), or (None, what is wrong with the file). torch.load does not check
+    the CRC-32 that torch.save writes for every record (a flipped byte in a tensor loads silently): zipfile does."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # the first record whose bytes do not match their CRC-32
+        if bad:
+            return None, f"corrupted (record {bad} fails its CRC-32)"
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except zipfile.BadZipFile:
+        return None, "truncated, or not a torch.save file"
+    except Exception as e:  # whatever zipfile or the unpickler raise on bytes that are no checkpoint
+        return None, f"unreadable ({type(e).__name__})"
+
+
+def resume_state(path):
+    """(state, its path) for --resume: `path`, or when that is missing or damaged the previous checkpoint, with a
+    line that says so (the damaged file is kept aside as <path>.damaged). Neither readable: a one-line error."""
+    state, why = read_checkpoint(path) if os.path.exists(path) else (None, "missing")
+    if state is not None:
+        return state, path
+    prev = previous(path)
+    state, why_prev = read_checkpoint(prev) if os.path.exists(prev) else (None, "missing")
+    if state is None:
+        fail(f"{path} is {why} and {prev} is {why_prev}: nothing to resume; start again without --resume "
+             f"in another --out")
+    if os.path.exists(path) and int(os.environ.get("RANK", 0)) == 0:
+        os.replace(path, path + ".damaged")  # else the next save would rotate it over the good one
+    print(f"warning: {path} is {why}; resuming from the previous checkpoint {prev}", flush=True)
+    return state, prev
+
+
+def check_checkpoint(state, path, cfg):
+    """A checkpoint of another program, another layout (another version of this file) or another architecture is
+    a one-line error that names the fix."""
+    if not isinstance(state, dict) or "method" not in state:
+        fail(f"{path} is no checkpoint of {METHOD}.py (it has no 'method' entry); --resume needs one that "
+             f"{METHOD}.py wrote: choose another --out")
+    if state["method"] != METHOD:
+        fail(f"{path} is a checkpoint of {state['method']}.py, not {METHOD}.py; resume it with "
+             f"{state['method']}.py, or choose another --out")
+    if set(state) != LAYOUT:
+        fail(f"{path} has another layout (missing {sorted(LAYOUT - set(state))}, unknown "
+             f"{sorted(set(state) - LAYOUT)}): another version of {METHOD}.py wrote it; resume it with that "
+             f"version, or choose another --out")
+    theirs, ours = state["config"], dataclasses.asdict(cfg)
+    diff = [f"{k}={theirs.get(k)} (you: {ours[k]})" for k in ARCH_KEYS if theirs.get(k) != ours[k]]
+    if diff:
+        fail(f"{path} is a checkpoint of another architecture: {', '.join(diff)}; pass the same flags or "
+             f"another --out")
 
 
 def load_checkpoint(path, model, optimizer, scaler, cfg):
-    """Restores everything and returns the step; refuses a checkpoint of another architecture."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    theirs = state.get("config", {})
-    diff = [f"{k}={theirs.get(k)} (you: {getattr(cfg, k)})"
-            for k in ARCH_KEYS if theirs.get(k) != getattr(cfg, k)]
-    if state.get("method") != "siammae" or diff:
-        fail(f"{path} is a checkpoint of another architecture: "
-             f"{', '.join(diff) or state.get('method')}; pass the same flags or another --out")
-    model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
+    """Restores everything from `path` (or the previous checkpoint, see resume_state); returns the step to
+    continue from and the file it came from."""
+    state, path = resume_state(path)
+    check_checkpoint(state, path, cfg)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # tensors of other names, shapes or groups
+        fail(f"{path} does not fit this {METHOD}.py ({str(e).strip().splitlines()[0][:80]}); resume it with "
+             f"the version that wrote it (source sha256 {state['source_sha256']}), or choose another --out")
     if torch.cuda.is_available() and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    return state["step"], path
 
 
 # -----------------------------------------------------------------------------
@@ -741,15 +830,16 @@ def main(argv=None):
            f"{n_dec / 1e6:.2f}M params")
     if cfg.bench:
         return bench(cfg, model, device, ctx, dtype)
-    os.makedirs(cfg.out, exist_ok=True)
     if cfg.bench_data:
         return bench_data(cfg, model, device, ctx, dtype)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    if os.path.exists(ckpt_path) and not cfg.resume:
-        fail(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
-    if cfg.resume and not os.path.exists(ckpt_path):
+    found = [p for p in (ckpt_path, previous(ckpt_path)) if os.path.exists(p)]
+    if found and not cfg.resume:
+        fail(f"{found[0]} exists; pass --resume to continue that run, or choose another --out")
+    if cfg.resume and not found:
         fail(f"--resume but there is no checkpoint at {ckpt_path}; drop --resume or fix --out")
-    loader, sampler = make_loader(cfg, rank, world, device, print0)
+    loader, sampler = make_loader(cfg, rank, world, device, print0)  # checks --data before --out is made
+    make_out_dir(cfg.out)
 
     # optimizer and schedule (Table 4a)
     groups = param_groups(model, cfg.weight_decay)
@@ -764,9 +854,9 @@ def main(argv=None):
     print0(f"effective batch {eff_batch} pairs ({world} x {cfg.batch_size} x accum {cfg.accum}) | "
            f"base lr {cfg.blr:.2e} -> lr {peak_lr:.2e} | {total} steps, {warmup} warm-up | "
            f"weight decay on {n_decay / 1e6:.2f}M params, off on {n_no_decay / 1e3:.1f}K")
-    step = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg) if cfg.resume else 0
+    step, resumed = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg) if cfg.resume else (0, None)
     if cfg.resume:
-        print0(f"resumed from {ckpt_path} at step {step}")
+        print0(f"resumed from {resumed} at step {step}")
     print0("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     raw_model = model
     if cfg.compile:
@@ -775,7 +865,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         print0(f"DDP: {world} process(es), {dist.get_backend()} all-reduce of the gradients")
 
-    stop = stop_on_sigint()
+    stop = stop_on_signals()
     interval = torch.zeros((), dtype=torch.float64, device=device)  # Σ loss since the last log
     n_steps, t_data, t_last, last_ckpt = 0, 0.0, time.perf_counter(), "none yet"
     model.train()
@@ -806,13 +896,14 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             n_steps += 1
-            # 4) at log and checkpoint steps (and after Ctrl-C on one process): check, log, save
+            # 4) at log and checkpoint steps (and after a stop signal on one process): check, log, save
             log_now = step % cfg.log_every == 0 or step == total
             ckpt_now = step % cfg.ckpt_every == 0 or step == total
-            stopping = False
+            sig = 0
             if log_now or ckpt_now or (world == 1 and stop["requested"]):
-                loss_sum, stops = sum_over_ranks([interval, stop["requested"]], device, world)
-                loss_val, stopping = loss_sum / world / n_steps, stops > 0  # mean: steps and ranks
+                got = [stop["requested"] == s for s in STOP_SIGNALS]  # one-hot: the signal this rank received
+                loss_sum, *counts = sum_over_ranks([interval, *got], device, world)  # 1 + 3 floats
+                loss_val, sig = loss_sum / world / n_steps, stop_signal(counts)  # mean: steps and ranks
                 if not math.isfinite(loss_val):
                     print0(f"error: loss is {loss_val} at step {step}; lower --blr or use --dtype "
                            f"fp32 (last good checkpoint: {last_ckpt})", file=sys.stderr)
@@ -824,16 +915,15 @@ def main(argv=None):
                            f"{loss_val:.4f} | lr {lr:.2e} | {ms:.0f} ms/step (data {100 * data:.0f}%)"
                            f" | {rate:.1f} pairs/s | eta {(total - step) * ms / 3.6e6:.2f}h", flush=True)
                     if rank == 0:
-                        with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                            print(json.dumps(dict(step=step, epoch=step / steps_per_epoch, lr=lr,
-                                                  loss=loss_val, ms_per_step=ms, pairs_per_s=rate,
-                                                  data=data)), file=f)
+                        write_or_warn(append_line, os.path.join(cfg.out, "log.jsonl"), json.dumps(dict(
+                            step=step, epoch=step / steps_per_epoch, lr=lr, loss=loss_val, ms_per_step=ms,
+                            pairs_per_s=rate, data=data)))
                     interval.zero_()
                     n_steps, t_data, t_last = 0, 0.0, time.perf_counter()
             if rank == 0 and (step % cfg.fig_every == 0 or step == total):
                 path = os.path.join(cfg.out, f"recon_{step:06d}.png")
-                reconstruction_figure(path, frames, pred, mask, cfg.patch_size)
-            if ckpt_now or stopping:
+                write_or_warn(reconstruction_figure, path, frames, pred, mask, cfg.patch_size)
+            if ckpt_now or sig:
                 if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():
                     print0(f"error: parameters not finite at step {step}; lower --blr or use --dtype "
                            f"fp32 (last good checkpoint: {last_ckpt})", file=sys.stderr)
@@ -841,9 +931,8 @@ def main(argv=None):
                 if rank == 0:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
                 last_ckpt = f"{ckpt_path} at step {step}"
-            if stopping:
-                print0(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-                raise SystemExit(130)
+            if sig:
+                stop_all(sig, step, world, print0)
     loader.dataset.report_learned(print0)
     print0(f"done: {step} steps; checkpoint {ckpt_path}")
     if dist.is_initialized():
@@ -951,16 +1040,80 @@ def setup_device(cfg):
     return device, ctx, dtype, rank, world, print0
 
 
-def stop_on_sigint():
-    """Ctrl-C sets a flag that the train loop reads at its next check (it then saves and exits 130); a second
-    Ctrl-C interrupts at once."""
-    stop = {"requested": False}
+# Ctrl-C; the early warning of `#SBATCH --signal=USR1@120`; what SLURM, Kubernetes, `docker stop`
+# and torchrun stop a job with (SIGKILL follows after a grace period: SLURM's KillWait and
+# Kubernetes' default are 30 s, docker's 10 s)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
+
+
+def stop_on_signals():
+    """Each of STOP_SIGNALS sets stop["requested"] to its number. The train loop reads it at its
+    next check (after every step on one process; at log and checkpoint steps under torchrun, where
+    the ranks agree in the all-reduce they do there anyway), saves and exits 128 + the number
+    (130, 138, 143), as a shell reports a process that signal killed. A second Ctrl-C interrupts
+    at once."""
+    stop = {"requested": 0}
 
     def request(signum, frame):
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, request)
+        stop["requested"] = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in STOP_SIGNALS:
+        signal.signal(s, request)
     return stop
+
+
+def stop_signal(counts):
+    """The signal to stop on, from how many ranks received each of STOP_SIGNALS: the highest-
+    numbered one any rank received (SIGTERM over SIGUSR1 over SIGINT), 0 for none."""
+    return max((s for s, n in zip(STOP_SIGNALS, counts) if n), default=0)
+
+
+def stop_all(sig, step, world, print0):
+    """After the checkpoint of `step`: every rank waits until rank 0 has written it (torchrun
+    stops the others once one has exited), then exits 128 + sig."""
+    if world > 1:
+        dist.barrier()
+    print0(f"interrupted: checkpoint saved at step {step}; continue with --resume "
+           f"({signal.Signals(sig).name}: exit {128 + sig})", flush=True)
+    raise SystemExit(128 + sig)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore STOP_SIGNALS: SLURM and a terminal signal every process of the
+    job, and a worker killed by one would take the main process down before it saved. The main
+    process ends its workers."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def make_out_dir(out):
+    """Creates --out and writes a probe file in it before training: an unwritable folder is a
+    one-line error now, not a failed checkpoint after hours of training."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out {out} is not writable ({e.strerror}); fix its permissions or choose another "
+             f"--out")
+
+
+def append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def write_or_warn(write, path, *args):
+    """write(path, *args) for a log line, figure or eval.json: if it fails (full disk, no
+    permission), one warning and training goes on; only a failed checkpoint stops the run."""
+    try:
+        write(path, *args)
+    except OSError as e:
+        print(f"warning: cannot write {path} ({e.strerror or e}); training goes on",
+              file=sys.stderr, flush=True)
 
 
 def sum_over_ranks(values, device, world):
@@ -989,7 +1142,10 @@ def reconstruction_figure(path, frames, pred, mask, p, rows=4):
     img = img.permute(0, 3, 1, 4, 2).reshape(b * S, c * S, 3).numpy()  # rows of the 4 images
     zoom = max(1, 160 // S)  # small toy crops are enlarged (nearest) so the patches stay visible
     img = cv2.resize(img, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
-    cv2.imwrite(path + ".tmp.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    if not cv2.imwrite(path + ".tmp.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):  # False, not an error
+        with suppress(OSError):
+            os.remove(path + ".tmp.png")
+        raise OSError(f"cv2.imwrite failed on {path}.tmp.png")
     os.replace(path + ".tmp.png", path)
 
 

@@ -1,7 +1,7 @@
 """
 The project's tests, in the README's order: toydata.py, siammae.py, propagate.py, msn.py, cmae.py, evaluate.py,
-then README.md and the CUDA path.
-    python -m pytest -q test_all.py   # 146 tests, 4 min 49 s on an idle 2-core CPU (13 CUDA cases skip there)
+then faults and bad input (real signals to real processes), README.md and the CUDA path.
+    python -m pytest -q test_all.py   # 200 tests, 9 min 4 s on an idle 2-core CPU (13 CUDA cases skip there)
     python -m pytest -q -k cuda test_all.py   # the CUDA section, as .ci/gpu runs it on a lent GPU
 Each test is named test_<file>_<claim> and would fail if the code it covers were wrong; fixtures and helpers that
 several sections share come first. The sections before the CUDA one run on the CPU, whatever the machine.
@@ -12,6 +12,7 @@ import ast
 import contextlib
 import csv
 import dataclasses
+import errno
 import inspect
 import io
 import json
@@ -20,9 +21,11 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tokenize
+import zipfile
 
 import cv2
 import numpy as np
@@ -571,6 +574,170 @@ def test_siammae_bench_prints_one_summary_line(capsys):
     siammae.main(TINY + ["--bench", "--batch-size", "2"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("bench |") and "ms/step" in line and "GFLOP/s" in line and "% of fp32 matmul" in line
+
+
+def counting_video(path, n_frames, step, fps):
+    """An XviD AVI at `fps` whose frame t is uniformly grey at level step*t (read back from any crop)."""
+    video = np.repeat((np.arange(n_frames) * step).astype(np.uint8)[:, None, None, None], 3, 3)
+    toydata.write_avi(path, np.ascontiguousarray(np.broadcast_to(video, (n_frames, 48, 64, 3))), fps=fps)
+
+
+def frame_indices(clips, path):
+    """(R, 2, 3, S, S) uint8 clips of a counting video -> (R, 2) frame indices: the nearest decoded grey level."""
+    decoded = siammae.read_frames(path, range(siammae.probe_video(path)["frames"]))
+    level = torch.tensor([float(decoded[t].mean()) for t in sorted(decoded)])
+    return (clips.float().mean(dim=(2, 3, 4))[..., None] - level).abs().argmin(-1)
+
+
+def patch_avi_frame_count(path, n):
+    """Make an AVI's headers claim n frames: avih.dwTotalFrames and strh.dwLength (the AVI RIFF layout)."""
+    b = bytearray(open(path, "rb").read())
+    struct.pack_into("<I", b, b.find(b"avih") + 8 + 16, n)  # after the chunk id and size: the 5th DWORD
+    struct.pack_into("<I", b, b.find(b"strh") + 8 + 32, n)  # fccType, fccHandler, flags, prio+lang, initial
+    open(path, "wb").write(b)                                 # frames, scale, rate, start: then dwLength
+
+
+def test_siammae_a_lying_header_is_learned_once_warned_once_and_cached(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    liar, good = str(data / "liar.avi"), str(data / "good.avi")
+    counting_video(liar, 40, step=6, fps=25)
+    counting_video(good, 40, step=6, fps=25)
+    patch_avi_frame_count(liar, 444)
+    assert siammae.probe_video(liar)["frames"] == 444  # OpenCV believes the header
+    counted = []
+    count_frames = siammae.count_frames
+    monkeypatch.setattr(siammae, "count_frames", lambda p: counted.append(p) or count_frames(p))
+    siammae.main(TINY + ["--data", str(data), "--batch-size", "4", "--max-steps", "8", "--ckpt-every", "100",
+                         "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "liar.avi" in line]
+    assert warnings == [f"warning: {liar} decodes 40 frames, its header says 444; sampling within 40 from now on"]
+    assert counted == [liar]  # decoded through once, at its first failure
+    cache = json.load(open(tmp_path / "run" / "video_index.json"))
+    assert cache[liar]["frames"] == 40 and cache[good]["frames"] == 40
+    assert siammae.index_videos(str(data), str(tmp_path / "run" / "video_index.json"), 3) == [(good, 40), (liar, 40)]
+
+
+def test_siammae_learned_lengths_are_shared_by_the_workers_and_reported_once(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(3):
+        counting_video(str(data / f"v{k}.avi"), 40, step=6, fps=25)
+    patch_avi_frame_count(str(data / "v0.avi"), 300)
+    siammae.main(TINY + ["--data", str(data), "--batch-size", "2", "--max-steps", "12", "--ckpt-every", "100",
+                         "--workers", "2", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert sum("v0.avi decodes 40 frames, its header says 300" in line for line in out.splitlines()) == 1
+    assert json.load(open(tmp_path / "run" / "video_index.json"))[str(data / "v0.avi")]["frames"] == 40
+
+
+def test_siammae_a_file_that_decodes_nothing_is_dropped_with_one_warning(tmp_path, capsys):
+    counting_video(str(tmp_path / "good.avi"), 40, step=6, fps=25)
+    (tmp_path / "broken.avi").write_bytes(b"RIFF" + bytes(2000))
+    videos = siammae.index_videos(str(tmp_path), str(tmp_path / "index.json"), 3)
+    assert videos == [(str(tmp_path / "good.avi"), 40)]
+    assert capsys.readouterr().out.count("warning") == 1
+
+
+def test_siammae_gap_in_frames_scales_the_30fps_gap_by_each_files_rate(tmp_path):
+    assert siammae.gap_in_frames((4, 48), 10, "30fps") == (1, 16)  # 4/3 -> 1, 48/3 = 16
+    assert siammae.gap_in_frames((4, 48), 25, "30fps") == (3, 40)  # 3.33 -> 3, 40
+    assert siammae.gap_in_frames((4, 48), 30, "30fps") == (4, 48)
+    assert siammae.gap_in_frames((4, 48), 60, "30fps") == (8, 96)
+    assert siammae.gap_in_frames((4, 48), 10, "frames") == (4, 48)  # today's behaviour
+    for fps in (10, 25, 30):
+        counting_video(str(tmp_path / f"v_{fps}fps.avi"), 40, step=6, fps=fps)
+    cache = str(tmp_path / "index.json")
+    videos = siammae.index_videos(str(tmp_path), cache, 3)
+    fps = [json.load(open(cache))[p]["fps"] for p, _ in videos]
+    assert fps == [10.0, 25.0, 30.0]  # the header's rate is probed and cached
+    for unit, expected in [("30fps", [(2, 10), (5, 25), (6, 30)]), ("frames", [(6, 30)] * 3)]:
+        ds = siammae.VideoPairs(videos, tiny_cfg(gap=(6, 30), gap_unit=unit, repeat=4), fps)
+        for v, (lo, hi) in enumerate(expected):
+            gaps = torch.cat([frame_indices(ds[(v, e)][0], videos[v][0]).diff(dim=1).flatten() for e in range(40)])
+            assert gaps.min() >= lo and gaps.max() <= hi and gaps.max() >= hi - 3, (unit, v, gaps)  # 160 draws
+
+
+def make_frame_folder(video_path, folder, ext):
+    """The frames of a video as images <folder>/<frame>.<ext>, named as ffmpeg's %05d.jpg pattern does."""
+    os.makedirs(folder)
+    frames = siammae.read_frames(video_path, range(siammae.probe_video(video_path)["frames"]))
+    for t, img in frames.items():
+        siammae.cv2.imwrite(os.path.join(folder, f"{t + 1:05d}.{ext}"), img[..., ::-1])
+
+
+def test_siammae_frame_folders_give_the_same_pairs_as_the_video_they_came_from(tmp_path, toy_videos):
+    video = sorted(os.path.join(d, f) for d, _, fs in os.walk(toy_videos) for f in fs)[0]  # 160x120, 25 fps
+    make_frame_folder(video, str(tmp_path / "frames" / "clip"), "png")  # lossless: the same pixels
+    v_cache, f_cache = str(tmp_path / "v.json"), str(tmp_path / "f.json")
+    videos = siammae.index_videos(os.path.dirname(video), v_cache, 3)
+    folders = siammae.index_videos(str(tmp_path / "frames"), f_cache, 3)
+    assert [n for _, n in folders] == [n for p, n in videos if p == video]
+    cfg = tiny_cfg(gap=(4, 48), gap_unit="30fps", frames_fps=25.0, repeat=2, img_size=64)
+    from_video = siammae.VideoPairs([(video, folders[0][1])], cfg, [25.0])
+    from_folder = siammae.VideoPairs(folders, cfg, [json.load(open(f_cache))[folders[0][0]]["fps"]])
+    assert from_folder.gaps == from_video.gaps == [(3, 40)]
+    for epoch in range(4):
+        (a, na), (b, nb) = from_video[(0, epoch)], from_folder[(0, epoch)]
+        assert torch.equal(a, b) and torch.equal(na, nb)  # same frames, crops, flips and masks
+
+
+def test_siammae_mixed_trees_are_refused_and_frame_folders_are_found(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    counting_video(str(tmp_path / "a" / "v.avi"), 20, step=6, fps=25)
+    make_frame_folder(str(tmp_path / "a" / "v.avi"), str(tmp_path / "b" / "v_frames"), "jpg")
+    assert siammae.find_clips(str(tmp_path / "b")) == [str(tmp_path / "b" / "v_frames")]
+    with pytest.raises(SystemExit) as e:
+        siammae.find_clips(str(tmp_path))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mixes 1 videos and 1 frame folders" in err[0]
+
+
+def test_siammae_frame_folders_sort_frames_in_natural_order(tmp_path):
+    for t in (1, 2, 10, 11):
+        (tmp_path / f"frame_{t}.jpg").write_bytes(b"")
+    assert siammae.frame_files(str(tmp_path)) == ["frame_1.jpg", "frame_2.jpg", "frame_10.jpg", "frame_11.jpg"]
+
+
+def write_h264(path, n_frames=150, size=(96, 128)):
+    """An H.264 MP4 with B-frames and open GOPs (libx264 through PyAV): seeking in it makes FFmpeg's decoder log
+    'mmco: unref short failure' and the like."""
+    av = pytest.importorskip("av")
+    if "libx264" not in av.codecs_available:
+        pytest.skip("PyAV has no libx264")
+    video, _ = toydata.render_scene(np.random.default_rng(0), *size, n_frames, n_objects=2)
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.height, s.width, s.pix_fmt = *size, "yuv420p"
+        s.codec_context.options = {"bframes": "3", "x264-params": "keyint=30:open-gop=1:b-pyramid=normal:ref=4"}
+        for f in video:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_siammae_training_on_h264_files_prints_no_decoder_messages(tmp_path):
+    data = tmp_path / "h264"
+    data.mkdir()
+    for k in range(2):
+        write_h264(str(data / f"v{k}.mp4"))
+    seek = ("import cv2, glob\n"
+            "for p in sorted(glob.glob('%s/*.mp4')):\n"
+            "    c = cv2.VideoCapture(p)\n"
+            "    for i in (37, 101, 70, 53, 91, 17, 130, 110, 60, 44): c.set(cv2.CAP_PROP_POS_FRAMES, i); c.read()\n"
+            % data)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    loud = subprocess.run([sys.executable, "-c", seek], capture_output=True, text=True, env=env).stderr
+    assert "mmco: unref short failure" in loud  # what OpenCV + FFmpeg print seeking in these files by default
+    run = subprocess.run([sys.executable, os.path.join(HERE, "siammae.py"), *TINY, "--data", str(data),
+                          "--batch-size", "4", "--max-steps", "6", "--workers", "2", "--gap", "4", "48",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=HERE)
+    assert run.returncode == 0, run.stderr
+    assert "done: 6 steps" in run.stdout and run.stderr.strip() == "", run.stderr
+    assert "mmco" not in run.stdout and "FFMPEG" not in run.stdout
 
 
 # =============================================================================
@@ -1402,8 +1569,8 @@ def test_propagate_crw_and_dino_differ_on_toy_davis_and_copies_are_not_forwarded
     out = {}
     for proto in ("siammae", "crw"):
         Counting.frames = 0
-        rows = P.main(["--ckpt", "pixels", "--protocol", proto, "--frame-size", "160x288", "--out", str(tmp_path / proto),
-                       "--explain"])
+        rows = P.main(["--ckpt", "pixels", "--protocol", proto, "--frame-size", "160x288",
+                       "--out", str(tmp_path / proto), "--explain"])
         assert rows and Counting.frames == 60  # 3 toy videos, 60 frames: CRW's 20 copies of frame 0 are not forwarded
         out[proto] = {os.path.join(d, f): np.array(Image.open(os.path.join(tmp_path / proto, d, f)))
                       for d in ("toy-pan", "toy-cross", "toy-crowd") for f in os.listdir(tmp_path / proto / d)}
@@ -1442,7 +1609,8 @@ def test_propagate_crw_vip_ids_are_what_eval_vip_reads(toy_jhmdb_vip, tmp_path, 
         for png in os.listdir(out / v):
             grey = cv2.imread(str(out / "ids" / v / png.replace(".png", "_mask.png")), cv2.IMREAD_UNCHANGED)
             assert grey.ndim == 2 and np.array_equal(grey, np.array(Image.open(out / v / png)))
-    assert res["mIoU"] == pytest.approx(100 * eval_vip_miou(out / "ids", os.path.join(root, "Annotations", "Category_ids")))
+    gt = os.path.join(root, "Annotations", "Category_ids")
+    assert res["mIoU"] == pytest.approx(100 * eval_vip_miou(out / "ids", gt))
 
 
 def eval_pck(filelist, src, feat_res, alpha):
@@ -1499,7 +1667,8 @@ def test_propagate_crw_presets(capsys):
     assert (cfg.frame_size, cfg.keypoint_topk, cfg.crw_files, cfg.crw_pck) == ("320x320", 5, True, True)
     cfg = P.parse_config(["--task", "vip", "--protocol", "crw", "--no-crw-files"])
     assert (cfg.topk, cfg.radius, cfg.frame_size, cfg.crw_files) == (10, 20, "880", False)
-    assert P.fed_size(240, 320, cfg) == (640, 880) and P.fed_size(480, 854, P.Config(frame_size="480x880")) == (480, 880)
+    assert P.fed_size(240, 320, cfg) == (640, 880)
+    assert P.fed_size(480, 854, P.Config(frame_size="480x880")) == (480, 880)
     assert P.fed_size(480, 854, P.Config()) == (480, 832)  # empty: DINO's short-side rule
 
 
@@ -1787,13 +1956,14 @@ def test_msn_reads_the_device_only_at_log_and_checkpoint_steps_and_logs_interval
 
 
 def test_msn_ctrl_c_saves_at_the_next_step_and_exits_130(msn_toy_images, tmp_path, monkeypatch, capsys):
-    stop = msn.stop_on_sigint()  # the real handler: a first SIGINT only sets the flag
+    stop = msn.stop_on_signals()  # the real handler: a first SIGINT only sets the flag
     try:
         os.kill(os.getpid(), signal.SIGINT)
-        assert stop["requested"]
+        assert stop["requested"] == signal.SIGINT
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    monkeypatch.setattr(msn, "stop_on_sigint", lambda: {"requested": True})  # as if Ctrl-C came during step 1
+        for s in msn.STOP_SIGNALS:
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    monkeypatch.setattr(msn, "stop_on_signals", lambda: {"requested": signal.SIGINT})  # Ctrl-C during step 1
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         msn.main(MSN_TINY + ["--data", msn_toy_images, "--batch-size", "8", "--max-steps", "5",
@@ -2279,7 +2449,7 @@ def test_cmae_checks_sync_once_per_check_step_and_stop_on_nan_or_ctrl_c(vit_test
     assert e.value.code == 1 and "non-finite parameters at step 1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad" / "checkpoint.pt")
     with monkeypatch.context() as mp, pytest.raises(SystemExit) as e:
-        mp.setattr(cmae, "stop_on_sigint", lambda: {"requested": True})  # as if Ctrl-C came during step 1
+        mp.setattr(cmae, "stop_on_signals", lambda: {"requested": signal.SIGINT})  # as if Ctrl-C came in step 1
         cmae.main(run + ["--ckpt-every", "100", "--out", str(tmp_path / "stop")])
     assert e.value.code == 130 and "interrupted: checkpoint saved at step 1" in capsys.readouterr().out
     assert torch.load(tmp_path / "stop" / "checkpoint.pt", weights_only=True)["step"] == 1
@@ -2494,6 +2664,564 @@ def test_evaluate_bad_inputs_give_one_line_errors_and_exit_code_2(toy_images, tm
     msg = bad_exit(capsys, evaluate.main, run + ["--data", toy_images, "--subsets", str(tmp_path / "list.txt")])
     assert "names 1 images but 0" in msg
     assert "not found" in bad_exit(capsys, evaluate.main, ["--ckpt", str(tmp_path / "missing.pt")])
+
+
+# =============================================================================
+# Faults and bad input: stop signals, damaged checkpoints, full disks, bad folders (the trainers, evaluate.py)
+
+# -----------------------------------------------------------------------------
+# helpers: the two trainers as real processes (cmae's tiny ViT registered by a launcher file)
+
+PROGRAMS = {"msn": msn, "cmae": cmae}
+TINY_ARGS = {"msn": MSN_TINY, "cmae": CMAE_TINY}
+LAUNCHER = """import sys
+sys.path.insert(0, {here!r})
+import cmae, msn
+cmae.VIT["vit_test"] = {vit!r}
+{{"msn": msn, "cmae": cmae}}[sys.argv[1]].main(sys.argv[2:])
+"""
+
+
+def launcher(tmp_path):
+    path = tmp_path / "launch.py"
+    path.write_text(LAUNCHER.format(here=HERE, vit=TEST_VIT))
+    return str(path)
+
+
+def command(tmp_path, name, args, nproc):
+    """python launch.py NAME ARGS, or the same under torchrun with nproc gloo processes."""
+    run = [launcher(tmp_path), name, *TINY_ARGS[name], *args]
+    if nproc == 1:
+        return [sys.executable, *run]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *run]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # every process alike: the runs compared bit for bit
+
+
+def run_to_end(tmp_path, name, args, nproc=1):
+    done = subprocess.run(command(tmp_path, name, args, nproc), env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def children(pid):
+    """The pids whose parent is pid (from /proc)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d))
+            except (OSError, IndexError):
+                pass
+    return kids
+
+
+def rank_pid(torchrun_pid, rank):
+    """The pid of torchrun's worker process of the given RANK."""
+    for pid in children(torchrun_pid):
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no rank {rank} under {torchrun_pid}")
+
+
+def interrupt(tmp_path, name, args, sig, after_line, nproc=1, rank=None):
+    """Starts the run in its own session, waits for `after_line` on its stdout, then sends `sig`: to the whole
+    process group (as SLURM, `docker stop` or a terminal would), or with `rank` to that torchrun rank only. Returns
+    (exit code, output)."""
+    proc = subprocess.Popen(command(tmp_path, name, args, nproc), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if after_line in line:
+            break
+    else:
+        raise AssertionError("".join(seen)[-3000:])
+    if rank is None:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(rank_pid(proc.pid, rank), sig)
+    out = "".join(seen) + proc.stdout.read()
+    return proc.wait(timeout=300), out
+
+
+def ckpt_step(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
+def same_params(a, b):
+    a, b = params_of(a), params_of(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# signals: a real process, a real signal, then --resume equals the run never interrupted
+
+@pytest.mark.parametrize("name,sig", [("msn", signal.SIGTERM), ("msn", signal.SIGUSR1), ("cmae", signal.SIGTERM)])
+def test_trainers_a_stop_signal_to_the_process_group_saves_the_step_exits_128_plus_it_and_resumes_exactly(
+        name, sig, toy_images, tmp_path):
+    """SIGTERM / SIGUSR1 to every process of the job (DataLoader workers included) after step 2 is logged: the run
+    finishes the step it is in, saves it, exits 128 + the signal and says so; --resume then ends on the parameters of
+    the run never interrupted, bit for bit."""
+    args = ["--data", toy_images, "--batch-size", "8", "--max-steps", "20", "--ckpt-every", "100", "--workers", "1"]
+    run_to_end(tmp_path, name, args + ["--out", str(tmp_path / "a")])
+    code, out = interrupt(tmp_path, name, args + ["--out", str(tmp_path / "b")], sig, "step 000002/")
+    assert code == 128 + sig, out[-3000:]
+    stopped = int(re.search(rf"interrupted: checkpoint saved at step (\d+); continue with --resume "
+                            rf"\({signal.Signals(sig).name}: exit {128 + sig}\)", out).group(1))
+    assert 2 <= stopped < 20 and ckpt_step(tmp_path / "b" / "checkpoint.pt") == stopped
+    assert "Traceback" not in out
+    resumed = run_to_end(tmp_path, name, args + ["--out", str(tmp_path / "b"), "--resume"])
+    assert f"at step {stopped}" in resumed
+    assert same_params(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("name", ["msn", "cmae"])
+def test_trainers_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step_and_resumes_exactly(
+        name, toy_images, tmp_path):
+    """2 gloo processes, SIGTERM to rank 1 only after step 2 is logged: the ranks agree at the next log step (the
+    all-reduce they do there), rank 0 saves, both exit 143 (no hang); --resume under torchrun ends on the parameters
+    of the 2-process run never interrupted."""
+    args = ["--data", toy_images, "--batch-size", "4", "--max-steps", "16", "--ckpt-every", "100",
+            "--log-every", "2"]
+    run_to_end(tmp_path, name, args + ["--out", str(tmp_path / "a")], nproc=2)
+    code, out = interrupt(tmp_path, name, args + ["--out", str(tmp_path / "b")], signal.SIGTERM, "step 000002/",
+                          nproc=2, rank=1)
+    assert code != 0 and out.count("exitcode  : 143") + out.count("exitcode: 143") >= 1, out[-3000:]
+    stopped = int(re.search(r"interrupted: checkpoint saved at step (\d+)", out).group(1))
+    assert stopped % 2 == 0 and 2 < stopped < 16 and ckpt_step(tmp_path / "b" / "checkpoint.pt") == stopped
+    run_to_end(tmp_path, name, args + ["--out", str(tmp_path / "b"), "--resume"], nproc=2)
+    assert same_params(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+
+
+def test_msn_workers_ignore_stop_signals_and_the_handler_records_the_latest():
+    stop = msn.stop_on_signals()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop["requested"] == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop["requested"] == signal.SIGTERM
+        msn.ignore_stop_signals(0)  # what a DataLoader worker runs first
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in msn.STOP_SIGNALS)
+    finally:
+        for s in msn.STOP_SIGNALS:
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    # summed one-hot counts over ranks -> the signal every rank stops on: the highest number any rank received
+    assert msn.stop_signal([0, 0, 0]) == 0 and msn.stop_signal([2, 0, 0]) == signal.SIGINT
+    assert msn.stop_signal([1, 1, 0]) == signal.SIGUSR1 and msn.stop_signal([1, 0, 1]) == signal.SIGTERM
+
+
+# -----------------------------------------------------------------------------
+# damaged or foreign checkpoints on --resume: one line, exit 2, or the previous checkpoint with a line that says so
+
+def flip_a_tensor_byte(path):
+    """Flips one byte inside the first tensor record of a torch.save zip (its local header skipped)."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 8)
+    raw = bytearray(open(path, "rb").read())
+    name_len, extra_len = (int.from_bytes(raw[info.header_offset + o:info.header_offset + o + 2], "little")
+                           for o in (26, 28))
+    raw[info.header_offset + 30 + name_len + extra_len + 3] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+@pytest.mark.parametrize("name", ["msn", "cmae"])
+def test_trainers_resume_falls_back_to_the_previous_checkpoint_and_refuses_damaged_or_foreign_ones(
+        name, vit_test, toy_images, tmp_path, capsys):
+    module, tiny = PROGRAMS[name], TINY_ARGS[name]
+    run = tiny + ["--data", toy_images, "--batch-size", "8", "--ckpt-every", "1"]
+    run += ["--max-steps", "4"]
+    module.main(run + ["--out", str(tmp_path / "a")])
+    out = tmp_path / "b"
+    module.main(run + ["--out", str(out)])
+    ckpt, prev = out / "checkpoint.pt", out / "checkpoint.prev.pt"
+    assert ckpt_step(ckpt) == 4 and ckpt_step(prev) == 3  # the rotation keeps the one before
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    good = ckpt.read_bytes()
+
+    ckpt.write_bytes(good[:len(good) // 2])  # truncated: the previous one, with a line that says which
+    module.main(run + ["--out", str(out), "--resume"])
+    printed = capsys.readouterr().out
+    assert f"warning: {ckpt} is truncated, or not a torch.save file; resuming from the previous checkpoint " \
+           f"{prev}" in printed and f"resumed from {prev} at step 3" in printed
+    assert (out / "checkpoint.pt.damaged").exists() and ckpt_step(ckpt) == 4
+    assert same_params(tmp_path / "a" / "checkpoint.pt", ckpt)  # 3 -> 4 after the fall-back: exact
+
+    resume = run + ["--out", str(out), "--resume"]
+    shutil.copy(ckpt, prev)
+    flip_a_tensor_byte(ckpt)  # a flipped byte that torch.load would not notice
+    flip_a_tensor_byte(prev)
+    msg = bad_exit(capsys, module.main, resume)
+    assert f"{ckpt} is corrupted (record" in msg and f"{prev} is corrupted" in msg and "another --out" in msg
+    os.remove(prev)
+    ckpt.write_text("not a checkpoint\n")
+    assert "is truncated, or not a torch.save file and" in bad_exit(capsys, module.main, resume)
+
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    foreign = [({"model": state["model"]}, f"no checkpoint of {name}.py"),  # e.g. a bare state dict
+               ({**state, "method": "siammae"}, f"a checkpoint of siammae.py, not {name}.py; resume it with"),
+               ({**state, "ema": 1}, "has another layout (missing [], unknown ['ema'])"),  # a newer layout
+               ({k: v for k, v in state.items() if k != "scaler"}, "has another layout (missing ['scaler']"),
+               ({**state, "model": {k + "_v0": v for k, v in state["model"].items()}}, f"does not fit this {name}.py")]
+    for bad, expected in foreign:
+        torch.save(bad, ckpt)
+        capsys.readouterr()
+        msg = bad_exit(capsys, module.main, resume)
+        assert expected in msg and str(ckpt) in msg, (expected, msg)
+        assert not prev.exists()  # a foreign file is not "damaged": no fall-back, nothing moved
+
+
+# -----------------------------------------------------------------------------
+# full disk and unwritable --out
+
+@pytest.mark.parametrize("name", ["msn", "cmae"])
+def test_trainers_a_failing_checkpoint_write_keeps_the_previous_ones_and_stops_with_one_line(
+        name, vit_test, toy_images, tmp_path, capsys, monkeypatch):
+    """torch.save raising ENOSPC (a full disk) at the 3rd save: exit 1, one line naming the file, checkpoint.pt (step
+    2) and checkpoint.prev.pt (step 1) as they were, no temp file; --resume then continues from step 2."""
+    module = PROGRAMS[name]
+    run = TINY_ARGS[name] + ["--data", toy_images, "--batch-size", "8", "--ckpt-every", "1", "--max-steps", "4",
+                             "--out", str(tmp_path)]
+    real_save, saves = torch.save, []
+
+    def full_disk_at_the_third(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 3:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+    with monkeypatch.context() as mp, pytest.raises(SystemExit) as e:
+        mp.setattr(torch, "save", full_disk_at_the_third)
+        module.main(run)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith(f"error: cannot write the checkpoint of step 3 to "
+                                                    f"{tmp_path / 'checkpoint.pt.tmp'} (No space left on device)")
+    assert ckpt_step(tmp_path / "checkpoint.pt") == 2
+    assert ckpt_step(tmp_path / "checkpoint.prev.pt") == 1
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    module.main(run + ["--resume"])
+    assert ckpt_step(tmp_path / "checkpoint.pt") == 4
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, ro=False) -> a fresh tmpfs folder; skips where mounting is not allowed (it needs root)."""
+    mounted = []
+
+    def mount(size, ro=False):
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(where)
+        return where
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_msn_a_really_full_disk_keeps_the_previous_checkpoints(toy_images, tmp_path, tmpfs, capsys):
+    """On a tmpfs with room for about 2.5 checkpoints the 3rd save (latest + previous + temp) fails for real
+    (torch.save raises RuntimeError there, not OSError): exit 1, one line, the two on disk intact."""
+    run = MSN_TINY + ["--data", toy_images, "--batch-size", "8", "--ckpt-every", "1", "--max-steps", "4"]
+    msn.main(run + ["--max-steps", "1", "--out", str(tmp_path / "size")])
+    size = os.path.getsize(tmp_path / "size" / "checkpoint.pt")
+    disk = tmpfs(int(2.5 * size) + 64 * 1024)  # 2.5 checkpoints + log.jsonl
+    with pytest.raises(SystemExit) as e:
+        msn.main(run + ["--out", str(disk / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and "error: cannot write the checkpoint of step 3" in err[-1], err
+    assert ckpt_step(disk / "run" / "checkpoint.pt") == 2 and ckpt_step(disk / "run" / "checkpoint.prev.pt") == 1
+    assert not (disk / "run" / "checkpoint.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("name", ["msn", "cmae", "evaluate"])
+def test_trainers_and_evaluate_refuse_a_read_only_out_before_any_work(name, vit_test, toy_images, tmp_path, tmpfs,
+                                                                      capsys):
+    ro = tmpfs("1m", ro=True)
+    out = str(ro / "run")
+    if name == "evaluate":
+        args = ["--ckpt", "random", "--model", "vit_tiny", "--patch-size", "8", "--img-size", "32",
+                "--workers", "0", "--data", toy_images, "--out", out]
+        msg = bad_exit(capsys, evaluate.main, args)
+    else:
+        msg = bad_exit(capsys, PROGRAMS[name].main, TINY_ARGS[name] + ["--data", toy_images, "--batch-size", "8",
+                                                                        "--max-steps", "2", "--out", out])
+    assert f"--out {out} is not writable (Read-only file system)" in msg and not os.listdir(ro)
+
+
+def test_trainers_failing_log_figure_and_eval_writes_warn_and_training_goes_on(vit_test, toy_images, tmp_path,
+                                                                                capsys, monkeypatch):
+    """log.jsonl lines, cmae's figures and eval.json that cannot be written: one warning each, the run ends with
+    its checkpoint."""
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    for module in (msn, cmae):
+        monkeypatch.setattr(module, "append_line", full)
+    monkeypatch.setattr(cmae.cv2, "imwrite", lambda *a, **k: False)  # what OpenCV does on a full disk
+    cmae.main(CMAE_TINY + ["--data", toy_images, "--batch-size", "8", "--max-steps", "2", "--fig-every", "1",
+                           "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot write {tmp_path / 'c' / 'log.jsonl'} (No space left on device); training "
+                     f"goes on") == 2
+    assert err.count("warning: cannot write") == 4 and "recon_000001.png (cv2.imwrite failed" in err
+    assert ckpt_step(tmp_path / "c" / "checkpoint.pt") == 2 and not any("tmp" in f for f in os.listdir(tmp_path / "c"))
+    monkeypatch.setattr(msn, "atomic_write_text", full)
+    monkeypatch.setattr(msn, "evaluate_encoder", lambda *a: {"knn_top1": 0.0})
+    msn.main(MSN_TINY + ["--data", toy_images, "--batch-size", "8", "--max-steps", "2", "--eval",
+                         "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write") == 3 and f"{tmp_path / 'm' / 'eval.json'} (No space" in err
+    assert ckpt_step(tmp_path / "m" / "checkpoint.pt") == 2
+
+
+# -----------------------------------------------------------------------------
+# the bad-input matrix: one line, exit 2, nothing in --out
+
+def bad_trees(toy_images, root):
+    """{defect: (ImageFolder root, the words its error must hold)} for the data every program reads."""
+    trees = {}
+
+    def tree(defect, expected):
+        trees[defect] = (root / defect, expected)
+        return root / defect
+    tree("missing", "does not exist")
+    tree("empty", "has no train/ folder").mkdir(parents=True)
+    flat = tree("flat", "holds no images in class folders")
+    (flat / "train").mkdir(parents=True)
+    for f in os.listdir(os.path.join(toy_images, "train", "disc"))[:8]:
+        shutil.copy(os.path.join(toy_images, "train", "disc", f), flat / "train")
+    shutil.copytree(toy_images, tree("empty_class", "class folder"))
+    (root / "empty_class" / "train" / "zebra").mkdir()
+    (root / "empty_class" / "val" / "zebra").mkdir()
+    shutil.copytree(toy_images, tree("classes_differ", "different class folders"))
+    shutil.rmtree(root / "classes_differ" / "val" / "disc")
+    return trees
+
+
+@pytest.mark.parametrize("name", ["msn", "cmae", "evaluate"])
+def test_trainers_and_evaluate_bad_image_folders_give_one_line_and_write_nothing(name, vit_test, toy_images,
+                                                                                 tmp_path, capsys):
+    for defect, (data, expected) in bad_trees(toy_images, tmp_path / "data").items():
+        out = tmp_path / f"out_{defect}"
+        if name == "evaluate":
+            args = ["--ckpt", "random", "--model", "vit_tiny", "--patch-size", "8", "--img-size", "32",
+                    "--workers", "0", "--data", str(data), "--out", str(out)]
+            msg = bad_exit(capsys, evaluate.main, args)
+        else:  # --eval: val/ is checked before training, not after it
+            msg = bad_exit(capsys, PROGRAMS[name].main, TINY_ARGS[name] + ["--data", str(data), "--batch-size", "8",
+                                                                            "--max-steps", "2", "--eval",
+                                                                            "--out", str(out)])
+        assert expected in msg, (defect, msg)
+        assert not out.exists(), defect  # nothing half-written
+    assert "(only in train: ['disc'], only in val: []" in msg  # the last defect: which class is missing where
+
+
+def damage_two_images(toy_images, root):
+    """A copy of the toy ImageFolder with one PNG cut in half and one file of garbage named .png, in train/."""
+    shutil.copytree(toy_images, root)
+    cls = root / "train" / "ring"
+    first = sorted(cls.iterdir())[0]
+    first.write_bytes(first.read_bytes()[:200])
+    (cls / "zz_garbage.png").write_bytes(b"this is no image" * 10)
+    return str(root), [str(first), str(cls / "zz_garbage.png")]
+
+
+@pytest.mark.parametrize("name", ["msn", "cmae"])
+def test_trainers_skip_unreadable_images_with_a_counted_warning(name, vit_test, toy_images, tmp_path, capsys):
+    data, bad = damage_two_images(toy_images, tmp_path / "data")
+    PROGRAMS[name].main(TINY_ARGS[name] + ["--data", data, "--batch-size", "7", "--max-steps", "7",  # one epoch
+                                           "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    for path in bad:  # each once, counted: 1 then 2 (one process: --workers 0)
+        assert printed.count(f"warning: skipped unreadable image {path} (") == 1
+    assert "(2 so far in this process); using the next one" in printed
+    assert ckpt_step(tmp_path / "run" / "checkpoint.pt") == 7
+
+
+def test_evaluate_skips_unreadable_images_with_a_counted_warning(toy_images, tmp_path, capsys):
+    data, bad = damage_two_images(toy_images, tmp_path / "data")
+    args = ["--ckpt", "random", "--model", "vit_tiny", "--patch-size", "8", "--img-size", "32", "--workers", "0",
+            "--draws", "1", "--out", str(tmp_path / "ev")]
+    res = evaluate.main(args + ["--data", data])
+    printed = capsys.readouterr().out
+    assert f"warning: skipped 2 unreadable images of 49 in {data}/train (the first: {bad[0]})" in printed
+    assert res["n_train"] == 47 and res["n_val"] == 24
+    # the 47 readable images give the numbers of a tree without the two files
+    clean = tmp_path / "clean"
+    shutil.copytree(data, clean)
+    for path in bad:
+        os.remove(path.replace(data, str(clean)))
+    again = evaluate.main(args + ["--data", str(clean), "--out", str(tmp_path / "ev2")])
+    assert again["knn_top1"] == res["knn_top1"] and again["shots"] == res["shots"]
+
+
+# -----------------------------------------------------------------------------
+# siammae.py's faults (the same harness as msn.py and cmae.py)
+
+def siammae_command(args, nproc=1):
+    """python siammae.py TINY ARGS, or the same under torchrun with nproc gloo processes."""
+    run = [os.path.join(HERE, "siammae.py"), *TINY, *args]
+    if nproc == 1:
+        return [sys.executable, *run]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *run]
+
+
+def siammae_run_to_end(args, nproc=1):
+    done = subprocess.run(siammae_command(args, nproc), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def signal_after(args, sig, after_line, nproc=1, rank=None):
+    """Starts the run in its own session, waits for `after_line`, then sends `sig` to the whole process group (as
+    SLURM or `docker stop` would), or with `rank` to that torchrun rank only. -> (exit code, output)."""
+    proc = subprocess.Popen(siammae_command(args, nproc), env=ENV, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if after_line in line:
+            break
+    else:
+        raise AssertionError("".join(seen)[-3000:])
+    if rank is None:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(rank_pid(proc.pid, rank), sig)
+    out = "".join(seen) + proc.stdout.read()
+    return proc.wait(timeout=300), out
+
+
+def test_siammae_sigterm_to_the_process_group_saves_the_step_exits_143_and_resumes_exactly(toy_videos, tmp_path):
+    """SIGTERM to every process of the job (the DataLoader worker included) after step 2 is logged: the run
+    finishes its step, saves it, exits 143 and says so; --resume then ends on the uninterrupted run's parameters."""
+    args = ["--data", toy_videos, "--batch-size", "4", "--max-steps", "20", "--ckpt-every", "100", "--workers", "1"]
+    siammae_run_to_end(args + ["--out", str(tmp_path / "a")])
+    code, out = signal_after(args + ["--out", str(tmp_path / "b")], signal.SIGTERM, "step 000002/")
+    assert code == 143, out[-3000:]
+    stopped = int(re.search(r"interrupted: checkpoint saved at step (\d+); continue with --resume "
+                            r"\(SIGTERM: exit 143\)", out).group(1))
+    assert 2 <= stopped < 20 and ckpt_step(tmp_path / "b" / "checkpoint.pt") == stopped
+    assert "Traceback" not in out
+    assert f"at step {stopped}" in siammae_run_to_end(args + ["--out", str(tmp_path / "b"), "--resume"])
+    assert same_params(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+
+
+def test_siammae_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step_and_resumes_exactly(toy_videos,
+                                                                                               tmp_path):
+    """2 gloo processes, SIGTERM to rank 1 only after step 2 is logged: the ranks agree at the next log step (in
+    the all-reduce they do there), rank 0 saves, both exit 143 (no hang); --resume under torchrun ends on the
+    parameters of the 2-process run never interrupted."""
+    args = ["--data", toy_videos, "--batch-size", "2", "--max-steps", "16", "--ckpt-every", "100",
+            "--log-every", "2"]
+    siammae_run_to_end(args + ["--out", str(tmp_path / "a")], nproc=2)
+    code, out = signal_after(args + ["--out", str(tmp_path / "b")], signal.SIGTERM, "step 000002/", nproc=2,
+                             rank=1)
+    assert code != 0 and out.count("exitcode  : 143") + out.count("exitcode: 143") >= 1, out[-3000:]
+    stopped = int(re.search(r"interrupted: checkpoint saved at step (\d+)", out).group(1))
+    assert stopped % 2 == 0 and 2 < stopped < 16 and ckpt_step(tmp_path / "b" / "checkpoint.pt") == stopped
+    siammae_run_to_end(args + ["--out", str(tmp_path / "b"), "--resume"], nproc=2)
+    assert same_params(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+
+
+def test_siammae_resume_falls_back_to_the_previous_checkpoint_and_refuses_foreign_ones(toy_videos, tmp_path,
+                                                                                      capsys):
+    """checkpoint.prev.pt keeps the save before; a truncated checkpoint.pt: --resume from it with a warning (the
+    damaged one kept aside) and the uninterrupted run's parameters; a file that is no checkpoint, or another
+    program's: one line, exit 2."""
+    run = TINY + ["--data", toy_videos, "--batch-size", "4", "--ckpt-every", "1", "--max-steps", "3"]
+    siammae.main(run + ["--out", str(tmp_path / "a")])
+    out = tmp_path / "b"
+    siammae.main(run + ["--out", str(out)])
+    ckpt, prev = out / "checkpoint.pt", out / "checkpoint.prev.pt"
+    assert ckpt_step(ckpt) == 3 and ckpt_step(prev) == 2
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[:len(good) // 2])
+    capsys.readouterr()
+    siammae.main(run + ["--out", str(out), "--resume"])
+    printed = capsys.readouterr().out
+    assert f"warning: {ckpt} is truncated, or not a torch.save file; resuming from the previous checkpoint " \
+           f"{prev}" in printed and f"resumed from {prev} at step 2" in printed
+    assert (out / "checkpoint.pt.damaged").exists() and ckpt_step(ckpt) == 3
+    assert same_params(tmp_path / "a" / "checkpoint.pt", ckpt)
+
+    resume = run + ["--out", str(out), "--resume"]
+    shutil.copy(ckpt, prev)
+    flip_a_tensor_byte(ckpt)  # a flipped byte that torch.load would not notice: the zip CRC-32 does
+    flip_a_tensor_byte(prev)
+    msg = bad_exit(capsys, siammae.main, resume)
+    assert f"{ckpt} is corrupted (record" in msg and f"{prev} is corrupted" in msg and "another --out" in msg
+    os.remove(prev)
+    ckpt.write_text("not a checkpoint\n")
+    msg = bad_exit(capsys, siammae.main, resume)
+    assert f"{ckpt} is truncated, or not a torch.save file and {prev} is missing: nothing to resume" in msg
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    for bad, expected in [({"model": state["model"]}, "no checkpoint of siammae.py"),
+                          ({**state, "method": "msn"}, "a checkpoint of msn.py, not siammae.py"),
+                          ({**state, "ema": 1}, "has another layout (missing [], unknown ['ema'])"),
+                          ({**state, "model": {k + "_v0": v for k, v in state["model"].items()}},
+                           "does not fit this siammae.py")]:
+        torch.save(bad, ckpt)
+        msg = bad_exit(capsys, siammae.main, resume)
+        assert expected in msg and str(ckpt) in msg, (expected, msg)
+        assert not prev.exists()  # a foreign file is not "damaged": no fall-back, nothing moved
+
+
+def test_siammae_a_failing_checkpoint_write_keeps_the_previous_ones_and_stops_with_one_line(toy_videos, tmp_path,
+                                                                                           capsys, monkeypatch):
+    """torch.save raising ENOSPC at the 3rd save: exit 1, one line naming the file, checkpoint.pt (step 2) and
+    checkpoint.prev.pt (step 1) as they were, no temp file; --resume then continues from step 2."""
+    run = TINY + ["--data", toy_videos, "--batch-size", "4", "--ckpt-every", "1", "--max-steps", "4",
+                  "--out", str(tmp_path)]
+    real_save, saves = torch.save, []
+
+    def full_disk_at_the_third(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 3:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+    with monkeypatch.context() as mp, pytest.raises(SystemExit) as e:
+        mp.setattr(torch, "save", full_disk_at_the_third)
+        siammae.main(run)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith(f"error: cannot write the checkpoint of step 3 to "
+                                                    f"{tmp_path / 'checkpoint.pt.tmp'} (No space left on device)")
+    assert ckpt_step(tmp_path / "checkpoint.pt") == 2
+    assert ckpt_step(tmp_path / "checkpoint.prev.pt") == 1
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    siammae.main(run + ["--resume"])
+    assert ckpt_step(tmp_path / "checkpoint.pt") == 4
+
+
+def test_siammae_failing_log_and_figure_writes_warn_and_training_goes_on(toy_videos, tmp_path, capsys,
+                                                                         monkeypatch):
+    """log.jsonl lines and figures that cannot be written (cv2.imwrite returns False on a full disk): one warning
+    each, the run ends with its checkpoint and leaves no temp file."""
+    monkeypatch.setattr(siammae, "append_line", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    monkeypatch.setattr(siammae.cv2, "imwrite", lambda *a, **k: False)
+    siammae.main(TINY + ["--data", toy_videos, "--batch-size", "4", "--max-steps", "2", "--fig-every", "1",
+                         "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot write {tmp_path / 'log.jsonl'} (No space); training goes on") == 2
+    assert err.count("warning: cannot write") == 4 and "recon_000001.png (cv2.imwrite failed" in err
+    assert ckpt_step(tmp_path / "checkpoint.pt") == 2 and not any("tmp" in f for f in os.listdir(tmp_path))
+
+
+def test_siammae_bad_data_writes_nothing_in_out(toy_videos, tmp_path, capsys):
+    """A missing, empty or unreadable --data: one line, exit 2, and --out is never made."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "v_X_g01_c01.avi").write_bytes(b"not a video at all" * 100)
+    for data in ("nope", "empty", "broken"):
+        bad_exit(capsys, siammae.main, TINY + ["--data", str(tmp_path / data), "--out", str(tmp_path / "o")])
+        assert not (tmp_path / "o").exists(), data
 
 
 # =============================================================================

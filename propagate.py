@@ -905,6 +905,24 @@ def davis_annotation(root, seq, frame):
     return os.path.join(root, "Annotations", "480p", seq, frame_name(frame) + ".png")
 
 
+def check_video(frames, ann0, what):
+    """Before anything is written: frame 0's annotation exists and holds ids, and every frame has frame
+    0's size (read from the file headers; PIL opens lazily)."""
+    if not os.path.isfile(ann0):
+        fail(f"{what} has no first-frame annotation {ann0}; propagation starts from it")
+    ids = read_index_png(ann0, "first-frame annotation")
+    sizes = []
+    for f in frames:
+        try:
+            with Image.open(f) as im:
+                sizes.append(im.size)
+        except OSError:
+            fail(f"frame {f} is unreadable; replace it or drop the video from the list")
+        if sizes[-1] != sizes[0]:
+            fail(f"{f} is {sizes[-1][0]}x{sizes[-1][1]}, frame 0 {sizes[0][0]}x{sizes[0][1]}; fix the frames")
+    return ids
+
+
 def list_davis(root, subset):
     """Checks the DAVIS layout up front (nothing is written before) -> [(seq, [frame paths])]."""
     need_folders(root, ("JPEGImages", "Annotations", "ImageSets"), "--davis")
@@ -916,9 +934,7 @@ def list_davis(root, subset):
         frames = sorted(glob.glob(os.path.join(root, "JPEGImages", "480p", seq, "*.jpg")))
         if not frames:
             fail(f"no frames in {root}/JPEGImages/480p/{seq}/; fix it or ImageSets/2017/{subset}.txt")
-        ann0 = davis_annotation(root, seq, frames[0])
-        if not os.path.isfile(ann0):
-            fail(f"sequence {seq} has no first-frame annotation {ann0}; propagation starts from it")
+        check_video(frames, davis_annotation(root, seq, frames[0]), f"sequence {seq}")
         out.append((seq, frames))
     return out
 
@@ -1250,9 +1266,7 @@ def list_vip(root, listing):
         if not frames:
             fail(f"no frames in {root}/Images/{video}/; fix the folder or the list {listing}")
         ann0 = vip_annotation(root, video, frames[0])
-        if not os.path.isfile(ann0):
-            fail(f"video {video} has no first-frame annotation {ann0}; propagation starts from it")
-        ids = read_index_png(ann0, "first-frame annotation")
+        ids = check_video(frames, ann0, f"video {video}")
         if ids[ids != 255].max(initial=0) >= len(VIP_CLASSES):
             fail(f"{ann0} has id {ids[ids != 255].max()}; VIP has 20 classes (0-19, 255 = none)")
         out.append((video, frames))

@@ -1337,6 +1337,24 @@ def test_propagate_missing_first_annotation(tmp_path, capsys):
     assert "first-frame annotation" in err and not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.parametrize("defect", ["frame size", "rgb annotation", "unreadable frame"])
+def test_propagate_bad_davis_videos_are_refused_before_anything_is_written(tmp_path, capsys, defect):
+    """Every video is checked before the first one is propagated: a defect in the second leaves --out unmade."""
+    root = write_davis(tmp_path / "D", {"a": moving_square_seq(T=3), "b": moving_square_seq(T=3)})
+    frame = os.path.join(root, "JPEGImages", "480p", "b", "00002.jpg")
+    ann = os.path.join(root, "Annotations", "480p", "b", "00000.png")
+    if defect == "frame size":
+        Image.open(frame).resize((20, 12)).save(frame)
+    elif defect == "rgb annotation":
+        Image.open(ann).convert("RGB").save(ann)
+    else:
+        open(frame, "wb").write(b"not a JPEG")
+    err = run_main(["--ckpt", "pixels", "--davis", root, "--out", str(tmp_path / "o")], capsys)
+    want = {"frame size": f"{frame} is 20x12, frame 0 128x64; fix the frames",
+            "rgb annotation": "is not an indexed (mode P / L) PNG", "unreadable frame": f"frame {frame} is unreadable"}
+    assert want[defect] in err and not os.path.exists(tmp_path / "o")
+
+
 @pytest.mark.parametrize("defect", ["missing", "size", "ids", "rgb"])
 def test_propagate_bad_results_folder(tmp_path, capsys, defect):
     frames, labels = moving_square_seq(T=5)

@@ -2706,9 +2706,10 @@ def launcher(tmp_path):
     return str(path)
 
 
-def command(tmp_path, name, args, nproc):
-    """python launch.py NAME ARGS, or the same under torchrun with nproc gloo processes."""
-    run = [launcher(tmp_path), name, *TINY_ARGS[name], *args]
+def command(tmp_path, name, args, nproc=1):
+    """python siammae.py TINY ARGS or launch.py NAME ARGS, or the same under torchrun with nproc gloo processes."""
+    run = ([os.path.join(HERE, "siammae.py"), *TINY, *args] if name == "siammae" else
+           [launcher(tmp_path), name, *TINY_ARGS[name], *args])
     if nproc == 1:
         return [sys.executable, *run]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *run]
@@ -2717,9 +2718,8 @@ def command(tmp_path, name, args, nproc):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # every process alike: the runs compared bit for bit
 
 
-def run_to_end(tmp_path, name, args, nproc=1):
-    done = subprocess.run(command(tmp_path, name, args, nproc), env=ENV, capture_output=True, text=True,
-                          timeout=600)
+def run_to_end(cmd):
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -2746,12 +2746,12 @@ def rank_pid(torchrun_pid, rank):
     raise AssertionError(f"no rank {rank} under {torchrun_pid}")
 
 
-def interrupt(tmp_path, name, args, sig, after_line, nproc=1, rank=None):
+def interrupt(cmd, sig, after_line, rank=None):
     """Starts the run in its own session, waits for `after_line` on its stdout, then sends `sig`: to the whole
     process group (as SLURM, `docker stop` or a terminal would), or with `rank` to that torchrun rank only. Returns
     (exit code, output)."""
-    proc = subprocess.Popen(command(tmp_path, name, args, nproc), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -2786,14 +2786,15 @@ def test_trainers_a_stop_signal_to_the_process_group_saves_the_step_exits_128_pl
     finishes the step it is in, saves it, exits 128 + the signal and says so; --resume then ends on the parameters of
     the run never interrupted, bit for bit."""
     args = ["--data", toy_images, "--batch-size", "8", "--max-steps", "20", "--ckpt-every", "100", "--workers", "1"]
-    run_to_end(tmp_path, name, args + ["--out", str(tmp_path / "a")])
-    code, out = interrupt(tmp_path, name, args + ["--out", str(tmp_path / "b")], sig, "step 000002/")
+    run_to_end(command(tmp_path, name, args + ["--out", str(tmp_path / "a")], 1))
+    code, out = interrupt(command(tmp_path, name, args + ["--out", str(tmp_path / "b")], 1), sig,
+                          "step 000002/")
     assert code == 128 + sig, out[-3000:]
     stopped = int(re.search(rf"interrupted: checkpoint saved at step (\d+); continue with --resume "
                             rf"\({signal.Signals(sig).name}: exit {128 + sig}\)", out).group(1))
     assert 2 <= stopped < 20 and ckpt_step(tmp_path / "b" / "checkpoint.pt") == stopped
     assert "Traceback" not in out
-    resumed = run_to_end(tmp_path, name, args + ["--out", str(tmp_path / "b"), "--resume"])
+    resumed = run_to_end(command(tmp_path, name, args + ["--out", str(tmp_path / "b"), "--resume"], 1))
     assert f"at step {stopped}" in resumed
     assert same_params(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
 
@@ -2806,13 +2807,13 @@ def test_trainers_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step_and_r
     of the 2-process run never interrupted."""
     args = ["--data", toy_images, "--batch-size", "4", "--max-steps", "16", "--ckpt-every", "100",
             "--log-every", "2"]
-    run_to_end(tmp_path, name, args + ["--out", str(tmp_path / "a")], nproc=2)
-    code, out = interrupt(tmp_path, name, args + ["--out", str(tmp_path / "b")], signal.SIGTERM, "step 000002/",
-                          nproc=2, rank=1)
+    run_to_end(command(tmp_path, name, args + ["--out", str(tmp_path / "a")], 2))
+    code, out = interrupt(command(tmp_path, name, args + ["--out", str(tmp_path / "b")], 2), signal.SIGTERM,
+                          "step 000002/", rank=1)
     assert code != 0 and out.count("exitcode  : 143") + out.count("exitcode: 143") >= 1, out[-3000:]
     stopped = int(re.search(r"interrupted: checkpoint saved at step (\d+)", out).group(1))
     assert stopped % 2 == 0 and 2 < stopped < 16 and ckpt_step(tmp_path / "b" / "checkpoint.pt") == stopped
-    run_to_end(tmp_path, name, args + ["--out", str(tmp_path / "b"), "--resume"], nproc=2)
+    run_to_end(command(tmp_path, name, args + ["--out", str(tmp_path / "b"), "--resume"], 2))
     assert same_params(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
 
 
@@ -3083,52 +3084,20 @@ def test_evaluate_skips_unreadable_images_with_a_counted_warning(toy_images, tmp
 # -----------------------------------------------------------------------------
 # siammae.py's faults (the same harness as msn.py and cmae.py)
 
-def siammae_command(args, nproc=1):
-    """python siammae.py TINY ARGS, or the same under torchrun with nproc gloo processes."""
-    run = [os.path.join(HERE, "siammae.py"), *TINY, *args]
-    if nproc == 1:
-        return [sys.executable, *run]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *run]
-
-
-def siammae_run_to_end(args, nproc=1):
-    done = subprocess.run(siammae_command(args, nproc), env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
-
-
-def signal_after(args, sig, after_line, nproc=1, rank=None):
-    """Starts the run in its own session, waits for `after_line`, then sends `sig` to the whole process group (as
-    SLURM or `docker stop` would), or with `rank` to that torchrun rank only. -> (exit code, output)."""
-    proc = subprocess.Popen(siammae_command(args, nproc), env=ENV, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if after_line in line:
-            break
-    else:
-        raise AssertionError("".join(seen)[-3000:])
-    if rank is None:
-        os.killpg(proc.pid, sig)
-    else:
-        os.kill(rank_pid(proc.pid, rank), sig)
-    out = "".join(seen) + proc.stdout.read()
-    return proc.wait(timeout=300), out
-
-
 def test_siammae_sigterm_to_the_process_group_saves_the_step_exits_143_and_resumes_exactly(toy_videos, tmp_path):
     """SIGTERM to every process of the job (the DataLoader worker included) after step 2 is logged: the run
     finishes its step, saves it, exits 143 and says so; --resume then ends on the uninterrupted run's parameters."""
     args = ["--data", toy_videos, "--batch-size", "4", "--max-steps", "20", "--ckpt-every", "100", "--workers", "1"]
-    siammae_run_to_end(args + ["--out", str(tmp_path / "a")])
-    code, out = signal_after(args + ["--out", str(tmp_path / "b")], signal.SIGTERM, "step 000002/")
+    run_to_end(command(tmp_path, "siammae", args + ["--out", str(tmp_path / "a")]))
+    code, out = interrupt(command(tmp_path, "siammae", args + ["--out", str(tmp_path / "b")]), signal.SIGTERM,
+                          "step 000002/")
     assert code == 143, out[-3000:]
     stopped = int(re.search(r"interrupted: checkpoint saved at step (\d+); continue with --resume "
                             r"\(SIGTERM: exit 143\)", out).group(1))
     assert 2 <= stopped < 20 and ckpt_step(tmp_path / "b" / "checkpoint.pt") == stopped
     assert "Traceback" not in out
-    assert f"at step {stopped}" in siammae_run_to_end(args + ["--out", str(tmp_path / "b"), "--resume"])
+    resumed = run_to_end(command(tmp_path, "siammae", args + ["--out", str(tmp_path / "b"), "--resume"]))
+    assert f"at step {stopped}" in resumed
     assert same_params(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
 
 
@@ -3139,13 +3108,13 @@ def test_siammae_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step_and_re
     parameters of the 2-process run never interrupted."""
     args = ["--data", toy_videos, "--batch-size", "2", "--max-steps", "16", "--ckpt-every", "100",
             "--log-every", "2"]
-    siammae_run_to_end(args + ["--out", str(tmp_path / "a")], nproc=2)
-    code, out = signal_after(args + ["--out", str(tmp_path / "b")], signal.SIGTERM, "step 000002/", nproc=2,
-                             rank=1)
+    run_to_end(command(tmp_path, "siammae", args + ["--out", str(tmp_path / "a")], 2))
+    code, out = interrupt(command(tmp_path, "siammae", args + ["--out", str(tmp_path / "b")], 2), signal.SIGTERM,
+                          "step 000002/", rank=1)
     assert code != 0 and out.count("exitcode  : 143") + out.count("exitcode: 143") >= 1, out[-3000:]
     stopped = int(re.search(r"interrupted: checkpoint saved at step (\d+)", out).group(1))
     assert stopped % 2 == 0 and 2 < stopped < 16 and ckpt_step(tmp_path / "b" / "checkpoint.pt") == stopped
-    siammae_run_to_end(args + ["--out", str(tmp_path / "b"), "--resume"], nproc=2)
+    run_to_end(command(tmp_path, "siammae", args + ["--out", str(tmp_path / "b"), "--resume"], 2))
     assert same_params(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
 
 

@@ -75,6 +75,9 @@ def list_images(folder):
             fail(f"class folder {folder}/{c} holds no images ({' '.join(IMG_EXTS)}); add some or "
                  f"remove it")
         samples += [(p, i) for p in found]
+    if not any(read_image(p) is not None for p, _ in samples):  # stops at the first readable image
+        fail(f"none of the {len(samples)} images under {folder} can be read by PIL; replace them or "
+             f"pass another --data")
     return samples, classes
 
 

@@ -58,6 +58,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import cv2
@@ -340,6 +341,16 @@ def read_state_dict(path, key):
     """A checkpoint file -> (its ViT's state dict, heads or decoders included, description)."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} not found; pass a file, `random` or `pixels`")
+    try:  # torch.load does not check the CRC-32 torch.save writes for every record: zipfile does
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # the first record whose bytes do not match their CRC-32
+        why = bad and f"record {bad} fails its CRC-32"
+    except zipfile.BadZipFile:  # truncated, or a legacy pickle: torch.load judges it below
+        why = None
+    except Exception as e:  # a zip whose records cannot even be read
+        why = f"its records are unreadable, {type(e).__name__}"
+    if why:
+        fail(f"{path} is corrupted ({why}); copy or download it again")
     try:  # DINO / MAE checkpoints pickle an argparse.Namespace: allow that class, nothing else
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -934,9 +945,22 @@ def list_davis(root, subset):
         frames = sorted(glob.glob(os.path.join(root, "JPEGImages", "480p", seq, "*.jpg")))
         if not frames:
             fail(f"no frames in {root}/JPEGImages/480p/{seq}/; fix it or ImageSets/2017/{subset}.txt")
-        check_video(frames, davis_annotation(root, seq, frames[0]), f"sequence {seq}")
+        ids0 = check_video(frames, davis_annotation(root, seq, frames[0]), f"sequence {seq}")
+        check_later_ids(root, seq, ids0)
         out.append((seq, frames))
     return out
+
+
+def check_later_ids(root, seq, ids0):
+    """The later annotations hold only frame 0's object ids and void (255). davis2017/davis.py counts the
+    objects in frame 0, so the toolkit would score any other id as background, without a word."""
+    K = int(np.where(ids0 == 255, 0, ids0).max())
+    for path in sorted(glob.glob(os.path.join(root, "Annotations", "480p", seq, "*.png")))[1:]:
+        ids = read_index_png(path, "annotation")
+        if ids.max() > K and (ids[ids != 255] > K).any():
+            extra = np.unique(ids[(ids > K) & (ids != 255)])
+            fail(f"{path} has object id {', '.join(map(str, extra))}, not among frame 0's {K} object ids; "
+                 f"re-save it with frame 0's ids")
 
 
 def propagate_masks(encoder, frames, ann_path, seq_dir, cfg, device, amp, overlay_dir=None,

@@ -131,6 +131,17 @@ def params_of(ckpt):
     return torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
 
 
+def flip_a_tensor_byte(path):
+    """Flips one byte inside the first tensor record of a torch.save zip (its local header skipped)."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 8)
+    raw = bytearray(open(path, "rb").read())
+    name_len, extra_len = (int.from_bytes(raw[info.header_offset + o:info.header_offset + o + 2], "little")
+                           for o in (26, 28))
+    raw[info.header_offset + 30 + name_len + extra_len + 3] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
 def crash_then_resume(module, args, tmp_path, monkeypatch, crash_step):
     """Trains `args` uninterrupted into a/; then into b/ with a simulated crash right after the checkpoint of step
     `crash_step`, and `--resume` from it. Returns the two final state dicts."""
@@ -1337,7 +1348,7 @@ def test_propagate_missing_first_annotation(tmp_path, capsys):
     assert "first-frame annotation" in err and not os.path.exists(tmp_path / "o")
 
 
-@pytest.mark.parametrize("defect", ["frame size", "rgb annotation", "unreadable frame"])
+@pytest.mark.parametrize("defect", ["frame size", "rgb annotation", "unreadable frame", "later id"])
 def test_propagate_bad_davis_videos_are_refused_before_anything_is_written(tmp_path, capsys, defect):
     """Every video is checked before the first one is propagated: a defect in the second leaves --out unmade."""
     root = write_davis(tmp_path / "D", {"a": moving_square_seq(T=3), "b": moving_square_seq(T=3)})
@@ -1347,11 +1358,15 @@ def test_propagate_bad_davis_videos_are_refused_before_anything_is_written(tmp_p
         Image.open(frame).resize((20, 12)).save(frame)
     elif defect == "rgb annotation":
         Image.open(ann).convert("RGB").save(ann)
+    elif defect == "later id":  # an object frame 0 does not have: the toolkit would score it as background
+        later = ann.replace("00000.png", "00002.png")
+        P.save_indexed_png(later, np.array(Image.open(later)) * 3)
     else:
         open(frame, "wb").write(b"not a JPEG")
     err = run_main(["--ckpt", "pixels", "--davis", root, "--out", str(tmp_path / "o")], capsys)
     want = {"frame size": f"{frame} is 20x12, frame 0 128x64; fix the frames",
-            "rgb annotation": "is not an indexed (mode P / L) PNG", "unreadable frame": f"frame {frame} is unreadable"}
+            "rgb annotation": "is not an indexed (mode P / L) PNG", "unreadable frame": f"frame {frame} is unreadable",
+            "later id": "00002.png has object id 3, not among frame 0's 1 object ids; re-save it with frame 0's ids"}
     assert want[defect] in err and not os.path.exists(tmp_path / "o")
 
 
@@ -1397,6 +1412,8 @@ def test_propagate_bad_checkpoints(tmp_path, capsys):
     torch.save(sd, tmp_path / "p8.pth")
     assert "not --patch-size 16" in run_main(["--ckpt", str(tmp_path / "p8.pth"), "--patch-size", "16",
                                               "--davis", root], capsys)
+    flip_a_tensor_byte(tmp_path / "p8.pth")  # torch.load would give a ViT with one wrong weight
+    assert "is corrupted (record p8/data/" in run_main(["--ckpt", str(tmp_path / "p8.pth"), "--davis", root], capsys)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert "cannot read" in run_main(["--ckpt", str(tmp_path / "junk.pth"), "--davis", root], capsys)
     assert "not found" in run_main(["--ckpt", str(tmp_path / "nope.pth"), "--davis", root], capsys)
@@ -2837,17 +2854,6 @@ def test_msn_workers_ignore_stop_signals_and_the_handler_records_the_latest():
 # -----------------------------------------------------------------------------
 # damaged or foreign checkpoints on --resume: one line, exit 2, or the previous checkpoint with a line that says so
 
-def flip_a_tensor_byte(path):
-    """Flips one byte inside the first tensor record of a torch.save zip (its local header skipped)."""
-    with zipfile.ZipFile(path) as z:
-        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 8)
-    raw = bytearray(open(path, "rb").read())
-    name_len, extra_len = (int.from_bytes(raw[info.header_offset + o:info.header_offset + o + 2], "little")
-                           for o in (26, 28))
-    raw[info.header_offset + 30 + name_len + extra_len + 3] ^= 0xFF
-    open(path, "wb").write(bytes(raw))
-
-
 @pytest.mark.parametrize("name", ["msn", "cmae"])
 def test_trainers_resume_falls_back_to_the_previous_checkpoint_and_refuses_damaged_or_foreign_ones(
         name, vit_test, toy_images, tmp_path, capsys):
@@ -3019,6 +3025,11 @@ def bad_trees(toy_images, root):
     shutil.copytree(toy_images, tree("empty_class", "class folder"))
     (root / "empty_class" / "train" / "zebra").mkdir()
     (root / "empty_class" / "val" / "zebra").mkdir()
+    garbage = tree("unreadable", "none of the 2 images under")
+    for split in ("train", "val"):
+        (garbage / split / "disc").mkdir(parents=True)
+        for i in range(2):
+            (garbage / split / "disc" / f"{i}.png").write_bytes(b"this is no image" * 10)
     shutil.copytree(toy_images, tree("classes_differ", "different class folders"))
     shutil.rmtree(root / "classes_differ" / "val" / "disc")
     return trees

@@ -120,6 +120,10 @@ class Config:
     explain: bool = False  # also write OUT/explain/<video>.png: for 3 patches of the middle frame,
                            # the top-k sources that labelled them and their weights, on the
                            # context frames (frame 0 and the queue): what propagation looks at
+    compare: str = ""  # DAVIS: also run these encoders on the same videos (comma list: random, pixels
+                       # -- both with --ckpt's architecture -- or checkpoints): OUT/compare.csv holds each
+                       # one's J&F beside --ckpt's, OUT/compare/<video>.png the same query points' best
+                       # matches in frame 0 for each, one row per encoder
     crw_files: bool = False  # also write what CRW's scorers read: VIP OUT/ids/<video>/<frame>_mask.png
                              # (grey ids, eval_vip.py), JHMDB OUT/<i>.dat (2, 15, T) in grid cells
                              # and OUT/vallist.txt (eval_pck.py); on with --protocol crw
@@ -1019,6 +1023,94 @@ def run_davis(root, seqs, encoder, out, cfg, device, amp, overlay_dir):
 
 
 # -----------------------------------------------------------------------------
+# --compare: what training changed. The same videos through --ckpt and, say, `random` and `pixels`:
+# each one's J&F, and a picture of where each one finds the same query points in frame 0.
+
+def comparison_encoders(cfg, encoder):
+    """The --compare encoders, loaded before anything is written -> {name: encoder}. `random` and
+    `pixels` take --ckpt's architecture (its width, depth and patch size), so only training differs."""
+    names, model = [n.strip() for n in cfg.compare.split(",") if n.strip()], cfg.model
+    if isinstance(encoder, ViT):
+        dims = encoder.patch_embed.proj.out_channels, len(encoder.blocks)
+        model = next((n for n, v in VIT.items() if (v["dim"], v["depth"]) == dims), None)
+        if model is None and "random" in names:
+            fail(f"--compare random builds --ckpt's architecture, and width {dims[0]}, depth {dims[1]} is no "
+                 f"known ViT ({', '.join(VIT)}); compare with a checkpoint instead")
+    return {name: load_encoder(name, model, encoder.patch_size, cfg.heads, cfg.checkpoint_key, cfg.seed)[0]
+            for name in names}
+
+
+def compare_encoders(root, seqs, encoders, out, cfg, device, amp):
+    """encoders {name: (encoder, its rows or None)}: the missing rows by propagating into
+    OUT/compare/<name>/ (the toolkit's files, as for --ckpt), then OUT/compare.csv and the pictures."""
+    table = [["encoder"] + COLUMNS]
+    for name, (encoder, rows) in encoders.items():
+        if rows is None:
+            print(f"--compare {name}:", flush=True)
+            rows = run_davis(root, seqs, encoder.to(device).eval(), os.path.join(out, "compare", name), cfg,
+                             device, amp, None)
+            encoders[name] = (encoder, rows)
+        table.append([name] + [fmt(v) for v in global_results(rows)])
+    write_csv(os.path.join(out, "compare.csv"), table)
+    print(f"wrote {out}/compare.csv\n" + "\n".join(f"{r[0]:>24} {r[1]:>9}" for r in table))
+    scores = {name: global_results(rows)[0] for name, (_, rows) in encoders.items()}
+    for seq, frames in seqs:
+        correspondence_picture(os.path.join(out, "compare", seq + ".png"), root, seq, frames,
+                               {n: e for n, (e, _) in encoders.items()}, scores, cfg, device, amp)
+    print(f"wrote {out}/compare/<video>.png: each encoder's best matches in frame 0 for the same points")
+
+
+def query_cells(ids, grid, n=3):
+    """Up to n (row, col) query cells on the patch grid (h, w): for each of the n largest objects of the
+    annotation `ids`, its most interior cell (the distance transform's peak)."""
+    small = cv2.resize(ids, grid[::-1], interpolation=cv2.INTER_NEAREST)  # (h, w)
+    objs = sorted((k for k in np.unique(small) if 0 < k < 255), key=lambda k: -(small == k).sum())[:n]
+    cells = []
+    for k in objs:
+        inside = cv2.distanceTransform(np.pad(small == k, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        cells.append((int(k), *np.unravel_index(inside.argmax(), inside.shape)))
+    return cells  # [(object id, row, col)]
+
+
+def correspondence_picture(path, root, seq, frames, encoders, scores, cfg, device, amp, top=5):
+    """One row per encoder: the middle frame t with the query points (the centres of its annotated
+    objects), then frame 0 (its annotation blended in) with each query's `top` most cosine-similar
+    patches boxed, over the whole frame (no --radius): where each encoder thinks the point came from."""
+    t = len(frames) // 2
+    ann_t = davis_annotation(root, seq, frames[t])
+    if not os.path.isfile(ann_t):
+        return  # a set without later annotations: no query points
+    proto = CHOICES[cfg.protocol]
+    ids_t, ids_0 = read_index_png(ann_t, "annotation"), read_index_png(davis_annotation(root, seq, frames[0]),
+                                                                        "annotation")
+    rows = []
+    for name, encoder in encoders.items():
+        (H, W), size, grid = frame_geometry(frames[0], cfg, encoder.patch_size)
+        (x0, bgr0), (xt, bgrt) = read_frame(frames[0], size, proto), read_frame(frames[t], size, proto)
+        with torch.inference_mode(), amp:
+            f = F.normalize(encoder.to(device).eval().features(torch.stack([x0, xt]).to(device)).float(), dim=-1)
+        f0 = f[0].reshape(-1, f.shape[-1])  # (h w, D)
+        cw, ch = W / grid[1], H / grid[0]  # a cell in original pixels
+        left, right = bgrt.copy(), blend(bgr0, ids_0, alpha=0.7)
+        for k, r, c in query_cells(ids_t, grid):
+            colour = PALETTE[k][::-1].tolist()
+            cv2.circle(left, (round((c + 0.5) * cw), round((r + 0.5) * ch)), 4, colour, -1)
+            cv2.circle(left, (round((c + 0.5) * cw), round((r + 0.5) * ch)), 5, (255, 255, 255), 1)
+            for m in (f0 @ f[1, r, c]).topk(top).indices.tolist():  # the top cosine similarities
+                y, x = divmod(m, grid[1])
+                cv2.rectangle(right, (round(x * cw), round(y * ch)), (round((x + 1) * cw), round((y + 1) * ch)),
+                              colour, 2)
+        cv2.putText(left, f"{name}: J&F {scores[name]:.3f}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (255, 255, 255), 1)
+        cv2.putText(left, f"frame {t}", (4, H - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+        cv2.putText(right, f"frame 0: top {top}", (4, H - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+        rows.append(np.concatenate([left, right], axis=1))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cv2.imwrite(path[:-4] + ".tmp.png", np.concatenate(rows, axis=0))
+    os.replace(path[:-4] + ".tmp.png", path)
+
+
+# -----------------------------------------------------------------------------
 # JHMDB: 15 pose keypoints propagated as heatmaps, scored by PCK, as CRW: ajabri/videowalk
 # code/data/jhmdb.py (heatmaps), code/utils/test_utils.py `process_pose` (decoding),
 # code/eval/eval_pck.py (PCK; the same file in Liusifei/UVC); xvjiarui/VFS jhmdb_dataset.py.
@@ -1392,6 +1484,7 @@ def main(argv=None):
         videos = list_vip(root, cfg.vip_list) if cfg.task == "vip" else list_davis(root, cfg.set)
     encoder, desc = load_encoder(cfg.ckpt, cfg.model, cfg.patch_size, cfg.heads, cfg.checkpoint_key,
                                  cfg.seed)
+    others = comparison_encoders(cfg, encoder) if cfg.compare else {}
     encoder = encoder.to(device).eval()
     n_params = sum(p.numel() for p in encoder.parameters())
     print(f"encoder: {desc} ({n_params / 1e6:.1f}M params) | {len(videos)} videos")
@@ -1402,7 +1495,11 @@ def main(argv=None):
     overlay_dir = os.path.join(out, "overlays") if cfg.overlay else None
     os.makedirs(overlay_dir or out, exist_ok=True)
     run = {"davis": run_davis, "jhmdb": run_jhmdb, "vip": run_vip}[cfg.task]
-    return run(root, videos, encoder, out, cfg, device, amp, overlay_dir)
+    rows = run(root, videos, encoder, out, cfg, device, amp, overlay_dir)
+    if others and rows is not None:
+        compare_encoders(root, videos, {name: (encoder, rows), **{n: (e, None) for n, e in others.items()}},
+                         out, cfg, device, amp)
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -1457,6 +1554,8 @@ def parse_config(argv=None):
     if cfg.eval_only and (cfg.task != "davis" or not cfg.results):
         fail("--eval-only scores a DAVIS results folder: it needs --results DIR (<seq>/<frame>.png) "
              "and --task davis (JHMDB and VIP are scored as they are propagated)")
+    if cfg.compare and cfg.task != "davis":
+        fail("--compare scores encoders by J&F: it needs --task davis")
     if cfg.topk < 1 or cfg.queue < 0 or cfg.radius < 0 or cfg.temperature <= 0 or cfg.batch < 1:
         fail("--topk and --batch must be >= 1, --queue and --radius >= 0, --temperature > 0")
     if cfg.sigma <= 0 or cfg.keypoint_topk < 1:

@@ -20,8 +20,14 @@ What it writes (the layouts the real datasets use):
 Why the content looks like this: correspondence must be something a model has to LEARN, not read off a colour.
 Every scene is textured objects over a textured background; the camera pans; several objects move, occlude
 each other (fixed depth order) and may leave the frame. Colours are random per object, so an object is
-identified by its texture and shape. An image class is one scene of textured shapes, photographed with other
-framing and lighting each time, so classes are told apart by layout and texture, never by colour.
+identified by its texture and shape. The videos (toy UCF101 and toy DAVIS alike) also have what real video has
+and a rigid, constant-light scene lacks, so that an untrained network's local colour hash is not enough: light
+that drifts over the clip, motion blur from each object's own motion, objects that scale, rotate and bend, texture
+that turns out of view (a spinning cylinder), unlabelled distractors in a labelled object's colours, sensor noise
+and JPEG artefacts (see "Video scenes" below). On the toy DAVIS at propagate.py's toy preset (short side 160), raw
+8 x 8 pixel patches fell from 0.827 to 0.427 J&F and a random ViT-T/8 from 0.798 to 0.497 (VERSION 4 -> 5, 2026-12-01).
+An image class is one scene of textured shapes, photographed with other framing and lighting each time, so classes
+are told apart by layout and texture, never by colour. (Person videos, toy JHMDB and VIP, keep the plain scenes.)
 The "480p" folder holds small frames (160 px high, like a downscaled DAVIS), which keeps CPU tests fast.
 JHMDB and VIP share one person: a textured stick figure in JHMDB's 15-joint order that walks and swings its limbs
 over a panning background; JHMDB keeps its joints, VIP its body parts painted with VIP's class ids.
@@ -41,7 +47,7 @@ try:
 except ImportError:
     fcntl = None
 
-VERSION = "4"  # bump when the generated content changes, so cached ./toy_data folders are remade
+VERSION = "5"  # bump when the generated content changes, so cached ./toy_data folders are remade
 UCF_CLASSES = ["BlobDrift", "CrossingShapes", "FastPan", "Occluders"]  # toy stand-ins for UCF101's 101 classes
 IMAGE_CLASSES = ["disc", "square", "triangle", "cross", "ring", "star"]
 DAVIS_SEQS = {  # name: (height, width, frames, objects, split); widths differ on purpose (real DAVIS does too)
@@ -55,8 +61,9 @@ DAVIS_SEQS = {  # name: (height, width, frames, objects, split); widths differ o
 # -----------------------------------------------------------------------------
 # Textures and shapes (vectorised numpy; no loops over pixels)
 
-def texture(rng, h, w):
-    """(h, w, 3) float32 in [0, 1]: two random colours mixed by random gratings plus smooth noise."""
+def texture(rng, h, w, colours=None):
+    """(h, w, 3) float32 in [0, 1]: two colours (random, or the given pair) mixed by random gratings plus smooth
+    noise."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     pattern = np.zeros((h, w), np.float32)
     for _ in range(3):  # a few oriented sinusoidal gratings
@@ -65,7 +72,9 @@ def texture(rng, h, w):
     coarse = rng.standard_normal((max(h // 8, 2), max(w // 8, 2))).astype(np.float32)
     pattern += 1.2 * cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
     pattern = (pattern - pattern.min()) / (np.ptp(pattern) + 1e-6)  # (h, w) in [0, 1]
-    c0, c1 = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
+    if colours is None:
+        colours = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    c0, c1 = (np.asarray(c, np.float32) for c in colours)
     return c0 + pattern[..., None] * (c1 - c0)
 
 
@@ -90,40 +99,130 @@ def shape_mask(kind, dx, dy, r, phase=0.0):
 
 
 # -----------------------------------------------------------------------------
-# Video scenes: camera pan over a large background, textured objects moving with occlusion
+# Video scenes: what real video has that a colour hash cannot follow
+#
+# A camera pans over a textured background; labelled objects move, occlude each other (depth order drawn once) and
+# may leave the frame. On top of that, each effect below breaks "same colour = same thing", so that propagating a
+# label needs correspondence (what an untrained network's local colour hash does not give):
+#   lighting drift    a global gain and a white-balance tint that drift over the clip, times a soft band of light
+#                     that sweeps across the frame (light_field)
+#   motion blur       each frame is the mean of renders at sub-frame times over an exposure of 0.5-1 frame, so
+#                     blur follows each object's own motion (and the pan); the labels are the mid-exposure masks
+#   non-rigid motion  objects scale (approach / recede, x0.7-1.4), rotate in-plane and bend (a parabolic shear that
+#                     oscillates), the texture deforming with them (object_layer)
+#   out-of-plane      the texture is wrapped on a cylinder that spins about the object's own axis: it slides across
+#                     the outline, compresses at the rims, which are shaded darker, and a side unseen at frame 0
+#                     comes into view
+#   distractors       unlabelled objects (label 0, as unannotated objects are in DAVIS) in the two colours of a
+#                     labelled one, with another pattern and outline: a colour hash takes them for the object
+#   sensor noise      signal-dependent Gaussian noise (sigma 0.01 in the dark to 0.02 at white), then a JPEG round
+#                     trip at quality 55-85, drawn per frame, as consumer video is compressed
+# Everything is vectorised over pixels (numpy, OpenCV); the loops run over frames, sub-frame times and objects.
+
+def new_object(rng, h, w, frames, speed, colours=None, away_from=None):
+    """One object's look and motion: size, path, scale / rotation / bend / spin rates, and its cylinder texture.
+    away_from: a point (x, y) the object starts at least 2.5 radii from, when one of 16 draws allows it."""
+    r = rng.uniform(0.12, 0.22) * h
+    rc = 1.4 * r  # cylinder radius: covers the blob's widest point (1.35 r)
+    starts = rng.uniform([0.2 * w, 0.25 * h], [0.8 * w, 0.75 * h], (16, 2))  # candidate start points (x, y)
+    far = np.ones(16, bool) if away_from is None else np.hypot(*(starts - away_from).T) > 2.5 * r
+    start = starts[np.argmax(far)]  # the first far enough one, else the first
+    vel = rng.uniform(-1, 1, 2) * speed * np.array([w, h]) / frames * 0.9  # some objects leave the frame
+    # texture around the whole cylinder (circumference 2 pi rc) x its height, moving with the object
+    sprite = texture(rng, int(2 * rc) + 3, int(np.ceil(2 * np.pi * rc)), colours)
+    return dict(r=r, rc=rc, start=start, vel=vel, sprite=sprite, phase=rng.uniform(0, 2 * np.pi),
+                scale_amp=rng.uniform(0.15, 0.35), scale_freq=rng.uniform(0.1, 0.3), scale_phase=rng.uniform(0, 6.3),
+                rot0=rng.uniform(0, 2 * np.pi), rot_rate=rng.choice([-1, 1]) * rng.uniform(0.02, 0.06),
+                bend_amp=rng.uniform(0.15, 0.35), bend_freq=rng.uniform(0.15, 0.4), bend_phase=rng.uniform(0, 6.3),
+                spin_rate=rng.choice([-1, 1]) * rng.uniform(0.03, 0.08))
+
+
+def object_layer(o, t, h, w):
+    """Object o drawn at (float) time t: (y0, x0, mask (bh, bw) bool, rgb (bh, bw, 3)) on its bounding box.
+    A frame pixel maps to the object's texture by undoing, in turn, translation, rotation, scale and bend; the
+    texture coordinate is the arc length on the spinning cylinder."""
+    r, rc = o["r"], o["rc"]
+    s = np.exp(o["scale_amp"] * np.sin(o["scale_freq"] * t + o["scale_phase"]))  # approach / recede
+    cx, cy = o["start"] + o["vel"] * t + 0.1 * r * np.sin([0.3 * t, 0.2 * t])  # drift + wobble
+    R = 1.8 * r * s  # bounds the blob (1.35 r) after bend (+0.35 r) and scale
+    y0, y1 = max(int(cy - R), 0), min(int(cy + R) + 2, h)
+    x0, x1 = max(int(cx - R), 0), min(int(cx + R) + 2, w)
+    if y0 >= y1 or x0 >= x1:  # out of frame
+        return 0, 0, np.zeros((0, 0), bool), np.zeros((0, 0, 3), np.float32)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)  # (bh, bw)
+    a = o["rot0"] + o["rot_rate"] * t
+    dx, dy = xx - cx, yy - cy
+    u = (np.cos(a) * dx + np.sin(a) * dy) / s  # object frame: rotation undone, then scale
+    v = (-np.sin(a) * dx + np.cos(a) * dy) / s
+    u = u - o["bend_amp"] * np.sin(o["bend_freq"] * t + o["bend_phase"]) * v * v / r  # parabolic bend
+    mask = shape_mask("blob", u, v, r, o["phase"] + 0.05 * t)
+    c = np.clip(u / rc, -1, 1)  # position across the cylinder, -1 .. 1 rim to rim
+    arc = rc * np.arcsin(c) + rc * o["spin_rate"] * t  # arc length on the spinning surface
+    sh, sw = o["sprite"].shape[:2]
+    ty = np.clip((v + rc + 1).astype(int), 0, sh - 1)
+    tx = np.floor(arc).astype(int) % sw  # wraps around the cylinder
+    shade = 0.55 + 0.45 * np.sqrt(1 - c * c)  # Lambert-like: rims darker than the middle
+    return y0, x0, mask, o["sprite"][ty, tx] * shade[..., None]
+
+
+def light_field(rng, h, w, frames):
+    """(T, h, w, 3) float32 multiplicative light: gain and tint drifting linearly over the clip, times a band of
+    light (+-15-30 %) a few frame widths long that sweeps across the frame."""
+    tt = np.linspace(0, 1, frames, dtype=np.float32)[:, None]  # (T, 1) clip time 0 .. 1
+    g0, g1 = np.log(rng.uniform(0.65, 1.35, 2))  # log gain at the first and the last frame
+    log_gain = g0 + tt * (g1 - g0)  # (T, 1)
+    tint = tt * rng.normal(0, 0.12, 3)  # (T, 3) log white balance drift
+    colour = np.exp(log_gain + tint).astype(np.float32)  # (T, 3)
+    theta, wavelength = rng.uniform(0, 2 * np.pi), rng.uniform(1.5, 3) * w
+    amp, sweep = rng.uniform(0.15, 0.3), rng.uniform(1, 2) * np.pi  # the band moves by a half-period or more
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    proj = 2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / wavelength  # (h, w)
+    band = 1 + amp * np.cos(proj[None] - sweep * tt[:, :, None])  # (T, h, w)
+    return band[..., None] * colour[:, None, None, :]
+
+
+def sensor(rng, img):
+    """img (h, w, 3) float in [0, 1] -> uint8 after signal-dependent noise and a JPEG round trip."""
+    sigma = np.sqrt(1e-4 + 3e-4 * np.clip(img, 0, 1))  # 0.01 (black) .. 0.02 (white)
+    noisy = np.clip(img + sigma * rng.standard_normal(img.shape).astype(np.float32), 0, 1)
+    u8 = (noisy * 255).round().astype(np.uint8)
+    _, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(55, 86))])
+    return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).reshape(u8.shape)
+
 
 def render_scene(rng, h, w, frames, n_objects, speed=1.0):
-    """Returns frames (T, h, w, 3) uint8 RGB and labels (T, h, w) uint8 (0 background, 1..K objects, front wins)."""
+    """Returns frames (T, h, w, 3) uint8 RGB and labels (T, h, w) uint8 (0 background, 1..K objects, front wins).
+    Besides the K labelled objects, max(1, K - 1) distractors share a labelled object's colours; see above."""
     pan = rng.uniform(-1.5, 1.5, 2) * speed  # camera velocity in px/frame
-    margin = int(np.ceil(np.abs(pan).max() * frames)) + 2
+    margin = int(np.ceil(np.abs(pan).max() * (frames + 1))) + 2
     bg = texture(rng, h + 2 * margin, w + 2 * margin)
-    objs = []
+    objs = [new_object(rng, h, w, frames, speed) for _ in range(n_objects)]
     for k in range(n_objects):
-        r = rng.uniform(0.12, 0.22) * h
-        start = np.array([rng.uniform(0.2, 0.8) * w, rng.uniform(0.25, 0.75) * h])
-        vel = rng.uniform(-1, 1, 2) * speed * np.array([w, h]) / frames * 0.9  # some objects leave the frame
-        sprite = texture(rng, int(2 * r) + 3, int(2 * r) + 3)  # texture moves with the object
-        objs.append(dict(r=r, start=start, vel=vel, sprite=sprite, phase=rng.uniform(0, 6.28), id=k + 1))
-    order = rng.permutation(n_objects)  # depth order: later in the list = in front
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        objs[k]["id"] = k + 1
+    for _ in range(max(1, n_objects - 1)):  # distractors: a labelled object's two colours, another pattern
+        twin = objs[rng.integers(n_objects)]
+        colours = (twin["sprite"].min(axis=(0, 1)), twin["sprite"].max(axis=(0, 1)))
+        objs.append({**new_object(rng, h, w, frames, speed, colours, twin["start"]), "id": 0})
+    order = rng.permutation(len(objs))  # depth order: later in the list = in front
+    exposure = rng.uniform(0.5, 1.0)  # shutter open for this fraction of the frame interval
+    fastest = max(np.abs(o["vel"]).max() + 0.3 * o["r"] * o["scale_amp"] for o in objs)  # px/frame, roughly
+    half = int(min(np.ceil(fastest * exposure / 3), 2))  # renders either side of mid-exposure: 1.5 px apart, <= 5
+    offsets = exposure * np.linspace(-0.5, 0.5, 2 * half + 1)  # sub-frame times; the middle one is 0
+    light = light_field(rng, h, w, frames)
     video = np.empty((frames, h, w, 3), np.uint8)
     labels = np.zeros((frames, h, w), np.uint8)
     for t in range(frames):
-        oy, ox = (margin + pan[::-1] * t).round().astype(int)
-        img = bg[oy:oy + h, ox:ox + w].copy()
-        lab = np.zeros((h, w), np.uint8)
-        for k in order:
-            o = objs[k]
-            cx, cy = o["start"] + o["vel"] * t + 0.1 * o["r"] * np.sin([0.3 * t, 0.2 * t])  # drift + wobble
-            dx, dy = xx - cx, yy - cy
-            m = shape_mask("blob", dx, dy, o["r"], o["phase"] + 0.05 * t)
-            sy = np.clip((dy + o["r"] + 1).astype(int), 0, o["sprite"].shape[0] - 1)
-            sx = np.clip((dx + o["r"] + 1).astype(int), 0, o["sprite"].shape[1] - 1)
-            img[m] = o["sprite"][sy[m], sx[m]]
-            lab[m] = o["id"]
-        noise = rng.normal(0, 0.015, img.shape).astype(np.float32)  # sensor noise: frames never repeat exactly
-        video[t] = (np.clip(img + noise, 0, 1) * 255).round().astype(np.uint8)
-        labels[t] = lab
+        acc = np.zeros((h, w, 3), np.float32)
+        for j, tau in enumerate(t + offsets):
+            oy, ox = (margin + pan[::-1] * tau).round().astype(int)
+            img = bg[oy:oy + h, ox:ox + w].copy()
+            for k in order:
+                y0, x0, m, rgb = object_layer(objs[k], tau, h, w)
+                img[y0:y0 + m.shape[0], x0:x0 + m.shape[1]][m] = rgb[m]
+                if j == half:  # labels: the masks at mid-exposure
+                    labels[t, y0:y0 + m.shape[0], x0:x0 + m.shape[1]][m] = objs[k]["id"]
+            acc += img
+        video[t] = sensor(rng, acc / len(offsets) * light[t])
     return video, labels
 
 

@@ -696,7 +696,8 @@ def previous(path):
 
 def save_checkpoint(path, model, optimizer, scaler, step, cfg):
     """model = the whole MSN module: encoder, head, prototypes and the target network. A write that fails (full
-    disk, no permission, read-only) leaves the checkpoints on disk as they were and stops the run, exit 1."""
+    disk, no permission, read-only) leaves the checkpoints on disk as they were and returns False (every rank
+    then stops, exit 1)."""
     rng = dict(torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     state = dict(method=METHOD, model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -716,10 +717,11 @@ def save_checkpoint(path, model, optimizer, scaler, step, cfg):
         print(f"error: cannot write the checkpoint of step {step} to {tmp} ({why}); the checkpoints in "
               f"{os.path.dirname(tmp)} are as they were: free space or fix permissions, then --resume",
               file=sys.stderr, flush=True)
-        raise SystemExit(1)
+        return False
     if os.path.exists(path):
         os.replace(path, previous(path))
     os.replace(tmp, path)
+    return True
 
 
 def read_checkpoint(path):
@@ -941,8 +943,9 @@ def main(argv=None):
                 interval.zero_(), usage.zero_()
                 n_steps, t_data, t_last = 0, 0.0, time.perf_counter()
             if save_now:
-                if rank == 0:
-                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
+                failed = rank == 0 and not save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
+                if sum_over_ranks([failed], device, world)[0]:  # under torchrun every rank stops with rank 0
+                    raise SystemExit(1)
                 last_ckpt = f"{ckpt_path} at step {step}"
             if sig:
                 stop_all(sig, step, world, print0)

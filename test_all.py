@@ -3040,6 +3040,22 @@ def test_trainers_a_failing_checkpoint_write_keeps_the_previous_ones_and_stops_w
     assert ckpt_step(tmp_path / "checkpoint.pt") == 4
 
 
+def test_trainers_a_failing_checkpoint_write_under_torchrun_stops_every_rank_with_one_line(toy_images, tmp_path):
+    """2 gloo processes of msn.py (the block is the same in all three trainers); rank 0 cannot write its checkpoint
+    (checkpoint.pt.tmp is a folder): every rank learns it in the all-reduce after the save and exits 1 there, with
+    rank 0's one line, rather than rank 1 dying of the lost connection at its next all-reduce."""
+    out = tmp_path / "o"
+    (out / "checkpoint.pt.tmp").mkdir(parents=True)
+    cmd = command(tmp_path, "msn", ["--data", toy_images, "--batch-size", "4", "--max-steps", "6", "--ckpt-every",
+                                    "2", "--out", str(out)], 2)
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0 and text.count(f"error: cannot write the checkpoint of step 2 to {out}") == 1, text
+    assert len(re.findall(r"exitcode\s*: 1 ", text)) == 2, text[-3000:]  # torchrun's summary: both ranks exit 1
+    assert not re.search(r"Connection (closed|reset)|RuntimeError|ProcessGroupGloo", text), text[-3000:]
+    assert "step 000003/" not in text and not (out / "checkpoint.pt").exists()
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """mount(size, ro=False) -> a fresh tmpfs folder; skips where mounting is not allowed (it needs root)."""

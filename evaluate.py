@@ -297,7 +297,8 @@ def main(argv=None):
     ap.add_argument("--subsets", nargs="*", default=[], help="official labelled lists (MSN's "
                     "imagenet_subsets*/*.txt) instead of random draws")
     ap.add_argument("--seed", type=int, default=0, help="seeds `random` and the draws")
-    ap.add_argument("--workers", type=int, default=4, help="DataLoader processes reading images")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader processes reading images (4, or fewer on a smaller CPU)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else

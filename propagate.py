@@ -1036,8 +1036,14 @@ def comparison_encoders(cfg, encoder):
         if model is None and "random" in names:
             fail(f"--compare random builds --ckpt's architecture, and width {dims[0]}, depth {dims[1]} is no "
                  f"known ViT ({', '.join(VIT)}); compare with a checkpoint instead")
-    return {name: load_encoder(name, model, encoder.patch_size, cfg.heads, cfg.checkpoint_key, cfg.seed)[0]
-            for name in names}
+    return {encoder_name(n): load_encoder(n, model, encoder.patch_size, cfg.heads, cfg.checkpoint_key, cfg.seed)[0]
+            for n in names}
+
+
+def encoder_name(ckpt):
+    """`random`, `pixels`, or a checkpoint's folder and name: out/siammae/checkpoint.pt -> siammae-checkpoint."""
+    name = os.path.splitext(os.path.basename(ckpt))[0]
+    return f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}-{name}" if os.path.isfile(ckpt) else name
 
 
 def compare_encoders(root, seqs, encoders, out, cfg, device, amp):
@@ -1488,9 +1494,7 @@ def main(argv=None):
     encoder = encoder.to(device).eval()
     n_params = sum(p.numel() for p in encoder.parameters())
     print(f"encoder: {desc} ({n_params / 1e6:.1f}M params) | {len(videos)} videos")
-    name = os.path.splitext(os.path.basename(cfg.ckpt))[0]
-    if os.path.isfile(cfg.ckpt):  # out/siammae/checkpoint.pt -> siammae-checkpoint
-        name = f"{os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))}-{name}"
+    name = encoder_name(cfg.ckpt)
     out = cfg.out or os.path.join("out", cfg.task, f"{name}-{cfg.protocol}")
     overlay_dir = os.path.join(out, "overlays") if cfg.overlay else None
     os.makedirs(overlay_dir or out, exist_ok=True)

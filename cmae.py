@@ -968,7 +968,9 @@ def main(argv=None):
                                f"--dtype fp32 (last good checkpoint: {last_ckpt})", file=sys.stderr)
                         raise SystemExit(1)
                     failed = rank == 0 and not save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
-                    if sum_over_ranks([failed], device, world)[0]:  # under torchrun every rank stops with rank 0
+                    if world > 1:  # every rank learns whether rank 0 could write, and all stop together
+                        failed = sum_over_ranks([failed], device, world)[0] > 0
+                    if failed:
                         raise SystemExit(1)
                     last_ckpt = f"{ckpt_path} at step {step}"
                 if sig:

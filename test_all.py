@@ -1,7 +1,7 @@
 """
 The project's tests, in the README's order: toydata.py, siammae.py, propagate.py, msn.py, cmae.py, evaluate.py,
 then faults and bad input (real signals to real processes), README.md and the CUDA path.
-    python -m pytest -q test_all.py   # 200 tests, 9 min 4 s on an idle 2-core CPU (13 CUDA cases skip there)
+    python -m pytest -q test_all.py   # 212 tests, 9 min 17 s on an idle 2-core CPU (13 CUDA cases skip there)
     python -m pytest -q -k cuda test_all.py   # the CUDA section, as .ci/gpu runs it on a lent GPU
 Each test is named test_<file>_<claim> and would fail if the code it covers were wrong; fixtures and helpers that
 several sections share come first. The sections before the CUDA one run on the CPU, whatever the machine.
@@ -149,9 +149,10 @@ def crash_then_resume(module, args, tmp_path, monkeypatch, crash_step):
     original = module.save_checkpoint
 
     def crash_after_the_save(path, model, optimizer, scaler, step, cfg):
-        original(path, model, optimizer, scaler, step, cfg)
+        saved = original(path, model, optimizer, scaler, step, cfg)
         if step == crash_step:
             raise RuntimeError("simulated crash")
+        return saved
     monkeypatch.setattr(module, "save_checkpoint", crash_after_the_save)
     with pytest.raises(RuntimeError):
         module.main(args + ["--out", str(tmp_path / "b")])
@@ -2018,7 +2019,7 @@ def test_msn_update_0_uses_lr_and_wd_of_step_1_and_the_ema_after_it_the_start_mo
     def keep(path, model, optimizer, scaler, step, cfg):
         params = {k: v.clone() for k, v in model.state_dict().items()}
         states[step] = params, optimizer.state_dict()["param_groups"]
-        original(path, model, optimizer, scaler, step, cfg)
+        return original(path, model, optimizer, scaler, step, cfg)
     monkeypatch.setattr(msn, "save_checkpoint", keep)
     args = MSN_TINY + ["--data", msn_toy_images, "--batch-size", "8", "--max-steps", "6", "--ckpt-every", "1",
                        "--warmup-epochs", "0.5", "--momentum", "0.5", "--out", str(tmp_path)]

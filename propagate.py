@@ -961,8 +961,8 @@ def check_later_ids(root, seq, ids0):
     K = int(np.where(ids0 == 255, 0, ids0).max())
     for path in sorted(glob.glob(os.path.join(root, "Annotations", "480p", seq, "*.png")))[1:]:
         ids = read_index_png(path, "annotation")
-        if ids.max() > K and (ids[ids != 255] > K).any():
-            extra = np.unique(ids[(ids > K) & (ids != 255)])
+        extra = np.unique(ids[(ids > K) & (ids != 255)])
+        if extra.size:
             fail(f"{path} has object id {', '.join(map(str, extra))}, not among frame 0's {K} object ids; "
                  f"re-save it with frame 0's ids")
 
@@ -1089,19 +1089,21 @@ def correspondence_picture(path, root, seq, frames, encoders, scores, cfg, devic
     proto = CHOICES[cfg.protocol]
     ids_t, ids_0 = read_index_png(ann_t, "annotation"), read_index_png(davis_annotation(root, seq, frames[0]),
                                                                         "annotation")
+    (H, W), size, _ = frame_geometry(frames[0], cfg, 1)  # the fed size does not depend on the patch size
+    (x0, bgr0), (xt, bgrt) = read_frame(frames[0], size, proto), read_frame(frames[t], size, proto)
+    pair = torch.stack([x0, xt]).to(device)  # (2, 3, th, tw)
     rows = []
-    for name, encoder in encoders.items():
-        (H, W), size, grid = frame_geometry(frames[0], cfg, encoder.patch_size)
-        (x0, bgr0), (xt, bgrt) = read_frame(frames[0], size, proto), read_frame(frames[t], size, proto)
+    for name, encoder in encoders.items():  # each already on the device, in eval mode
+        grid = size[0] // encoder.patch_size, size[1] // encoder.patch_size
         with torch.inference_mode(), amp:
-            f = F.normalize(encoder.to(device).eval().features(torch.stack([x0, xt]).to(device)).float(), dim=-1)
+            f = F.normalize(encoder.features(pair).float(), dim=-1)  # (2, h, w, D)
         f0 = f[0].reshape(-1, f.shape[-1])  # (h w, D)
         cw, ch = W / grid[1], H / grid[0]  # a cell in original pixels
         left, right = bgrt.copy(), blend(bgr0, ids_0, alpha=0.7)
         for k, r, c in query_cells(ids_t, grid):
-            colour = PALETTE[k][::-1].tolist()
-            cv2.circle(left, (round((c + 0.5) * cw), round((r + 0.5) * ch)), 4, colour, -1)
-            cv2.circle(left, (round((c + 0.5) * cw), round((r + 0.5) * ch)), 5, (255, 255, 255), 1)
+            colour, centre = PALETTE[k][::-1].tolist(), (round((c + 0.5) * cw), round((r + 0.5) * ch))
+            cv2.circle(left, centre, 4, colour, -1)
+            cv2.circle(left, centre, 5, (255, 255, 255), 1)
             for m in (f0 @ f[1, r, c]).topk(top).indices.tolist():  # the top cosine similarities
                 y, x = divmod(m, grid[1])
                 cv2.rectangle(right, (round(x * cw), round(y * ch)), (round((x + 1) * cw), round((y + 1) * ch)),
